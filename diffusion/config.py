@@ -1,0 +1,376 @@
+"""DiffusionConfig: the one flat dataclass every part of the codebase reads.
+
+Field names and defaults of the guide's `DiffusionConfig` are kept as the guide has them;
+the fields after them are ours (DESIGN.md lists their names). Each field carries its help
+text and its allowed values in the dataclass metadata, so validation, the `--set` parser and
+the README's config reference all read the same single source of truth.
+
+Validation happens in two places:
+- every assignment (in the constructor or later, `config.snr_gamma = 3.0`) checks the field's
+  own type and range, so a typo fails on the line that made it;
+- `validate()` checks the fields against each other (e.g. `v_prediction` against
+  `prediction_type`). It runs at the end of construction and again whenever a consumer (the
+  scheduler, the trainer) is built, because the guide changes fields one at a time
+  (`config.v_prediction = True` then `config.prediction_type = "v_prediction"`), and the
+  config is only consistent again after the second line.
+"""
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+BETA_SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "euler_ancestral")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+LOSS_TYPES = ("l2", "l1", "huber")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+MIXED_PRECISION_MODES = (True, False, "no", "fp16", "bf16")
+DATASETS = ("shapes", "folder")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; researchers write learning rates that way."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def _field(default, help, *, choices=None, low=None, high=None, low_inclusive=True,
+           high_inclusive=True):
+    """A dataclass field with its help text and allowed values in the metadata."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high,
+            "low_inclusive": low_inclusive, "high_inclusive": high_inclusive}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DiffusionConfig:
+    # ---- model architecture (guide) ----
+    in_channels: int = _field(3, "Channels of the images the model sees.", low=1)
+    out_channels: int = _field(3, "Channels the model predicts.", low=1)
+    model_channels: int = _field(128, "Base channel width of the UNet.", low=1)
+    num_res_blocks: int = _field(2, "ResBlocks per UNet level.", low=1)
+    attention_resolutions: tuple[int, ...] = _field(
+        (8, 16), "Feature-map sizes (for an input of sample_size) that get attention.")
+    dropout: float = _field(0.1, "Dropout inside ResBlocks.", low=0.0, high=1.0,
+                            high_inclusive=False)
+    channel_mult: tuple[int, ...] = _field(
+        (1, 2, 4, 8), "Channel multiplier per UNet level; its length is the number of levels.")
+    num_heads: int = _field(8, "Attention heads.", low=1)
+    use_spatial_transformer: bool = _field(
+        True, "SpatialTransformer (self + cross-attention to text) instead of plain "
+              "self-attention.")
+    transformer_depth: int = _field(1, "BasicTransformerBlocks per SpatialTransformer.", low=1)
+    context_dim: int = _field(768, "Width of the text encoder states the UNet attends to.",
+                              low=1)
+    # ---- diffusion process (guide) ----
+    num_train_timesteps: int = _field(1000, "T, the number of training timesteps.", low=2)
+    beta_start: float = _field(0.0001, "First beta of the linear/quadratic/sigmoid schedules.",
+                               low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    beta_end: float = _field(0.02, "Last beta of the linear/quadratic/sigmoid schedules.",
+                             low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    beta_schedule: str = _field("linear", "Noise schedule.", choices=BETA_SCHEDULES)
+    prediction_type: str = _field(
+        "epsilon", "What the network predicts: noise, velocity or the clean sample.",
+        choices=PREDICTION_TYPES)
+    # ---- training (guide) ----
+    learning_rate: float = _field(1e-4, "Peak AdamW learning rate.", low=0.0,
+                                  low_inclusive=False)
+    weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases, norms, "
+                                       "embeddings).", low=0.0)
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm.", low=0.0, low_inclusive=False)
+    mixed_precision: bool | str = _field(
+        True, "Autocast: True picks bf16 on CPU and fp16 on CUDA; or 'no', 'fp16', 'bf16'.",
+        choices=MIXED_PRECISION_MODES)
+    gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass.")
+    use_ema: bool = _field(True, "Keep an exponential moving average of the weights.")
+    ema_decay: float = _field(0.9999, "EMA decay (upper bound when ema_warmup is on).",
+                              low=0.0, high=1.0)
+    # ---- loss (guide) ----
+    loss_type: str = _field("l2", "Per-element loss.", choices=LOSS_TYPES)
+    snr_gamma: float | None = _field(
+        5.0, "min-SNR-gamma loss weighting (Hang et al. 2023); null turns it off.",
+        low=0.0, low_inclusive=False)
+    v_prediction: bool = _field(
+        False, "The guide's switch for v-prediction; must agree with prediction_type.")
+    # ---- sampling (guide) ----
+    num_inference_steps: int = _field(50, "Sampling steps.", low=1)
+    guidance_scale: float = _field(7.5, "Classifier-free guidance scale.", low=0.0)
+    eta: float = _field(0.0, "DDIM eta: 0 is deterministic, 1 matches DDPM's variance.",
+                        low=0.0)
+    # ---- memory toggles the guide reads from the config ----
+    use_attention_slicing: bool = _field(False, "Compute attention in slices.")
+    use_vae_slicing: bool = _field(False, "Decode latents one image at a time.")
+    use_memory_efficient_attention: bool = _field(False, "Offload sub-models to the CPU.")
+    use_xformers: bool = _field(False, "Select PyTorch's memory-efficient SDPA kernel.")
+
+    # ---- model (ours) ----
+    sample_size: int = _field(64, "Image height/width the model is built and trained for.",
+                              low=1)
+    use_scale_shift_norm: bool = _field(
+        True, "Timestep conditioning as GroupNorm scale-shift (else added to features).")
+    text_encoder_layers: int = _field(2, "Transformer layers of the text encoder.", low=0)
+    text_encoder_width: int = _field(256, "Width of the text encoder.", low=1)
+    max_text_length: int = _field(77, "Tokens per prompt, BOS and EOS included.", low=2)
+    compile: bool = _field(False, "Wrap the network in torch.compile.")
+    # ---- process (ours) ----
+    timestep_spacing: str = _field("trailing", "How inference timesteps are picked.",
+                                   choices=TIMESTEP_SPACINGS)
+    steps_offset: int = _field(0, "Added to every 'leading' inference timestep.", low=0)
+    clip_sample: bool = _field(True, "Clip predicted x0 to +-clip_sample_range while sampling.")
+    clip_sample_range: float = _field(1.0, "Bound for clip_sample.", low=0.0,
+                                      low_inclusive=False)
+    thresholding: bool = _field(
+        False, "Dynamic thresholding of predicted x0 (Imagen); replaces clip_sample.")
+    dynamic_thresholding_ratio: float = _field(
+        0.995, "Percentile of |x0| used as the threshold.", low=0.0, high=1.0,
+        low_inclusive=False)
+    sample_max_value: float = _field(1.0, "Largest threshold dynamic thresholding may use.",
+                                     low=1.0)
+    variance_type: str = _field("fixed_small", "DDPM reverse variance.", choices=VARIANCE_TYPES)
+    rescale_betas_zero_snr: bool = _field(
+        False, "Rescale betas so the last timestep has SNR 0 (Lin et al. 2023); "
+               "needs v_prediction or sample prediction.")
+    sampler: str = _field("ddim", "Sampler used by the pipeline and sample.py.",
+                          choices=SAMPLERS)
+    # ---- training (ours) ----
+    batch_size: int = _field(16, "Images per step (per process under torchrun).", low=1)
+    gradient_accumulation_steps: int = _field(1, "Micro-batches per optimizer step.", low=1)
+    lr_scheduler: str = _field("cosine", "Learning-rate schedule.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _field(500, "Linear warm-up steps.", low=0)
+    max_steps: int = _field(10000, "Optimizer steps of a run.", low=1)
+    cfg_dropout: float = _field(0.1, "Fraction of prompts replaced by '' for guidance.",
+                                low=0.0, high=1.0)
+    noise_offset: float = _field(0.0, "Offset-noise strength (per-channel constant noise).",
+                                 low=0.0)
+    huber_c: float = _field(0.001, "c of the pseudo-Huber loss.", low=0.0, low_inclusive=False)
+    ema_warmup: bool = _field(True, "EMA decay min(ema_decay, (1+n)/(10+n)) after n updates.")
+    seed: int = _field(0, "Seed for weights, data order and noise.", low=0)
+    # ---- data (ours) ----
+    dataset: str = _field("shapes", "Training data.", choices=DATASETS)
+    data_dir: str | None = _field(None, "Image folder when dataset is 'folder'.")
+    random_flip: bool = _field(False, "Random horizontal flips.")
+    num_workers: int = _field(0, "DataLoader worker processes.", low=0)
+    # ---- run (ours) ----
+    output_dir: str = _field("runs/default", "Folder the run writes everything under.")
+    log_every: int = _field(10, "Steps between metrics lines.", low=1)
+    save_every: int = _field(500, "Steps between checkpoints.", low=1)
+    sample_every: int = _field(500, "Steps between sample grids.", low=1)
+    keep_last: int = _field(3, "Checkpoints kept on disk.", low=1)
+    sample_prompts: tuple[str, ...] = _field((), "Prompts of the sample grids.")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        spec = _FIELDS.get(name)
+        if spec is None:
+            raise AttributeError(f"DiffusionConfig has no field {name!r}{_did_you_mean(name)}")
+        object.__setattr__(self, name, _check_field(spec, value))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "DiffusionConfig":
+        """Check the fields against each other; raise ValueError naming them."""
+        if self.v_prediction and self.prediction_type != "v_prediction":
+            raise ValueError(
+                f"v_prediction=True contradicts prediction_type={self.prediction_type!r}; "
+                "set prediction_type='v_prediction' too (or v_prediction=False)")
+        if self.prediction_type == "v_prediction" and not self.v_prediction:
+            # prediction_type is the source of truth; the guide's flag follows it.
+            object.__setattr__(self, "v_prediction", True)
+        if self.beta_schedule != "cosine" and not self.beta_start < self.beta_end:
+            raise ValueError(
+                f"beta_start={self.beta_start} must be smaller than beta_end={self.beta_end} "
+                f"for beta_schedule={self.beta_schedule!r}")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            raise ValueError(
+                "rescale_betas_zero_snr=True makes the last timestep pure noise (SNR 0), where "
+                "an epsilon prediction cannot recover x0; use prediction_type='v_prediction' "
+                "(or 'sample') with it")
+        if self.steps_offset and self.timestep_spacing != "leading":
+            raise ValueError(
+                f"steps_offset={self.steps_offset} only applies to timestep_spacing='leading', "
+                f"not {self.timestep_spacing!r}; set steps_offset=0")
+        if self.num_inference_steps > self.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={self.num_inference_steps} must be at most "
+                f"num_train_timesteps={self.num_train_timesteps}")
+        for name in ("attention_resolutions", "channel_mult"):
+            bad = [v for v in getattr(self, name) if v < 1]
+            if bad:
+                raise ValueError(f"{name}={getattr(self, name)} must hold positive ints")
+        if not self.channel_mult:
+            raise ValueError("channel_mult=() must have at least one level")
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("dataset='folder' needs data_dir (the image folder); got None")
+        return self
+
+    # ---- (de)serialisation ----
+    def to_dict(self) -> dict:
+        """Plain dict of every field; tuples become lists so YAML/JSON stay plain."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiffusionConfig":
+        """Build from a dict; unknown keys are an error with a did-you-mean suggestion."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config data must be a mapping of field names; got "
+                            f"{type(data).__name__}")
+        unknown = [k for k in data if k not in _FIELDS]
+        if unknown:
+            raise ValueError("unknown config field(s): " + "; ".join(
+                f"{k!r}{_did_you_mean(k)}" for k in unknown))
+        return cls(**data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "DiffusionConfig":
+        data = _load_yaml(Path(path).read_text())
+        return cls.from_dict(data or {})
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "DiffusionConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def with_overrides(self, overrides: dict) -> "DiffusionConfig":
+        """A new config with `overrides` (e.g. from `parse_overrides`) applied and validated."""
+        data = self.to_dict()
+        unknown = [k for k in overrides if k not in _FIELDS]
+        if unknown:
+            raise ValueError("unknown config field(s) in overrides: " + "; ".join(
+                f"{k!r}{_did_you_mean(k)}" for k in unknown))
+        data.update(overrides)
+        return type(self).from_dict(data)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DiffusionConfig)}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Parse `--set` style `key=value` strings into a dict.
+
+    Values are YAML scalars or lists: `lr=3e-4`, `use_ema=false`, `channel_mult=[1,2]`; a
+    parenthesised tuple `channel_mult=(1,2)` and a bare comma list `channel_mult=1,2` work too.
+    """
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {pair!r} must look like key=value")
+        if key not in _FIELDS:
+            raise ValueError(f"unknown config field {key!r} in override {pair!r}"
+                             f"{_did_you_mean(key)}")
+        raw = raw.strip()
+        if raw.startswith("(") and raw.endswith(")"):
+            raw = "[" + raw[1:-1] + "]"
+        elif "," in raw and not raw.startswith("["):
+            raw = "[" + raw + "]"
+        try:
+            out[key] = _load_yaml(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"cannot parse the value of override {pair!r}: {err}") from None
+    return out
+
+
+# ---- field checking ----
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}"
+    return "None" if tp is type(None) else tp.__name__
+
+
+def _coerce(value, tp):
+    """Return `value` as type `tp`, or raise TypeError; ints are accepted for floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return tuple(_coerce(v, args[0]) for v in value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    raise TypeError
+
+
+def _check_field(spec: dataclasses.Field, value):
+    name, meta = spec.name, spec.metadata
+    try:
+        value = _coerce(value, spec.type)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} must be {_describe(spec.type)}") from None
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ValueError(f"{name}={value!r} is not one of {list(meta['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = meta["low"], meta["high"]
+        too_low = low is not None and (value < low or (value == low and not meta["low_inclusive"]))
+        too_high = high is not None and (value > high
+                                         or (value == high and not meta["high_inclusive"]))
+        if too_low or too_high:
+            lo = "" if low is None else f"{low} {'<=' if meta['low_inclusive'] else '<'} "
+            hi = "" if high is None else f" {'<=' if meta['high_inclusive'] else '<'} {high}"
+            raise ValueError(f"{name}={value!r} is out of range; allowed: {lo}{name}{hi}")
+    return value
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(field, default, help) for every field, in order: the README's config table."""
+    return [(f.name, repr(_plain(f.default)), f.metadata["help"])
+            for f in dataclasses.fields(DiffusionConfig)]

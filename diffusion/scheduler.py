@@ -1,0 +1,283 @@
+"""AdvancedScheduler: the forward process q(x_t | x0), the eps / x0 / v parameterisations, and
+one reverse step of DDPM (Ho et al. 2020) or DDIM (Song et al. 2021).
+
+Conventions (DESIGN.md): abar_t = prod_{s<=t} (1 - b_s) for t = 0..T-1; a step from t goes to
+the next entry t' of `self.timesteps`, and after the last entry abar_{t'} = 1 (the clean image).
+Coefficients come from float64 tables and are cast once to the sample's dtype.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from losses.targets import broadcast_to_sample, training_target
+
+from .config import DiffusionConfig
+from .schedules import (
+    alphas_cumprod_from_betas,
+    inference_timesteps,
+    make_betas,
+    rescale_zero_terminal_snr,
+)
+
+STEP_SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class SchedulerOutput:
+    """prev_sample: x_{t'} (B, C, H, W); pred_original_sample: the (clipped) x0 estimate."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn from `generator` (on its own device, so a CPU
+    generator gives the same numbers whatever device x lives on)."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    return noise.to(x.device)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Half-precision samples are updated in float32; float32/float64 stay as they are."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+class AdvancedScheduler:
+    """Noise schedule plus DDPM / DDIM steps for one `DiffusionConfig`.
+
+    Attributes: betas, alphas, alphas_cumprod ((T,) float32), timesteps (int64, strictly
+    decreasing; all T training timesteps until `set_timesteps` is called), init_noise_sigma,
+    prediction_type, sampler ("ddpm" or "ddim": what `step` does).
+    """
+
+    def __init__(self, config: DiffusionConfig, sampler: str | None = None):
+        if not isinstance(config, DiffusionConfig):
+            raise TypeError(f"config must be a DiffusionConfig; got {type(config).__name__}")
+        config.validate()
+        if sampler is None:
+            sampler = config.sampler if config.sampler in STEP_SAMPLERS else "ddim"
+        if sampler not in STEP_SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: AdvancedScheduler.step implements "
+                             f"{list(STEP_SAMPLERS)}; the other samplers live in sampling/")
+        self.config = config
+        self.sampler = sampler
+        self.prediction_type = config.prediction_type
+        self.num_train_timesteps = T = config.num_train_timesteps
+        betas = make_betas(config.beta_schedule, T, config.beta_start, config.beta_end)
+        if config.rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self._alphas_cumprod64 = alphas_cumprod_from_betas(betas)
+        self.betas = betas.float()
+        self.alphas = (1 - betas).float()
+        self.alphas_cumprod = self._alphas_cumprod64.float()
+        self.init_noise_sigma = 1.0  # x_T ~ N(0, I) for a variance-preserving process
+        self.num_inference_steps: int | None = None
+        self._set_timestep_list(torch.arange(T - 1, -1, -1, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return self.num_train_timesteps
+
+    # ---- timesteps ----
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Pick the inference timesteps with `config.timestep_spacing` (DESIGN.md)."""
+        steps = inference_timesteps(self.config.timestep_spacing, self.num_train_timesteps,
+                                    num_inference_steps, self.config.steps_offset)
+        self.num_inference_steps = num_inference_steps
+        self._set_timestep_list(steps.to(device) if device is not None else steps)
+
+    def _set_timestep_list(self, timesteps: torch.Tensor) -> None:
+        self.timesteps = timesteps
+        values = timesteps.tolist()
+        self._next = dict(zip(values, values[1:] + [-1]))
+
+    def previous_timestep(self, timestep) -> int:
+        """The timestep a step from `timestep` lands on: the next entry of the list, or -1
+        (meaning abar = 1, the clean sample) after the last."""
+        return self._next[self._check_in_list(timestep)]
+
+    def img2img_timesteps(self, strength: float) -> torch.Tensor:
+        """The tail of `self.timesteps` that image-to-image (SDEdit) runs for `strength`.
+
+        round(n * strength) steps remain; the input is noised to the first of them. strength 0
+        leaves no step (the input comes back unchanged), strength 1 runs the whole list.
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+                or not 0 <= strength <= 1:
+            raise ValueError(f"strength={strength!r} must be a number in [0, 1]")
+        n = len(self.timesteps)
+        keep = min(int(round(n * strength)), n)
+        return self.timesteps[n - keep:]
+
+    def _check_in_list(self, timestep) -> int:
+        t = _as_int_timestep(timestep)
+        if t not in self._next:
+            raise ValueError(
+                f"timestep={t} is not one of the scheduler's {len(self._next)} timesteps "
+                f"({self.timesteps[0].item()}..{self.timesteps[-1].item()}); step from an entry "
+                "of scheduler.timesteps (after set_timesteps, if you called it)")
+        return t
+
+    # ---- forward process and parameterisations ----
+
+    def alpha_bar(self, timesteps, like: torch.Tensor) -> torch.Tensor:
+        """abar at `timesteps` (int, or (B,) ints; -1 means abar = 1), broadcast to `like`."""
+        t = torch.as_tensor(timesteps, device=self._alphas_cumprod64.device)
+        abar = torch.where(t >= 0, self._alphas_cumprod64[t.clamp(min=0).cpu()], 1.0)
+        return broadcast_to_sample(abar, like)
+
+    def _check_timesteps(self, timesteps, x: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(timesteps)
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timesteps must be integers; got dtype {t.dtype}")
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"timesteps has shape {tuple(t.shape)}; expected a scalar or "
+                             f"({x.shape[0]},) for a batch of {x.shape[0]}")
+        if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]; got "
+                             f"values in [{t.min().item()}, {t.max().item()}]")
+        return t.cpu()
+
+    def add_noise(self, original_samples: torch.Tensor, timesteps, noise=None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample q(x_t | x0): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4).
+
+        original_samples: (B, ...); timesteps: an int or (B,) ints; noise: like x0, drawn from
+        `generator` when None.
+        """
+        t = self._check_timesteps(timesteps, original_samples)
+        if noise is None:
+            noise = randn_like(original_samples, generator)
+        elif noise.shape != original_samples.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but original_samples has "
+                             f"shape {tuple(original_samples.shape)}")
+        abar = self.alpha_bar(t, original_samples)
+        return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho 2022); `sample` is x0."""
+        t = self._check_timesteps(timesteps, sample)
+        return training_target("v_prediction", sample, noise, self.alpha_bar(t, sample))
+
+    def model_output_from(self, x0: torch.Tensor, eps: torch.Tensor, timesteps) -> torch.Tensor:
+        """Express an (x0, eps) pair in this scheduler's prediction type."""
+        return training_target(self.prediction_type, x0, eps, self.alpha_bar(timesteps, x0))
+
+    def convert_model_output(self, model_output: torch.Tensor, timesteps,
+                             sample: torch.Tensor, clip: bool = True):
+        """(x0_hat, eps_hat) from a network output in this scheduler's prediction type.
+
+        epsilon: x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
+        v_prediction: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(1-abar) x_t + sqrt(abar) v
+        sample: eps = (x_t - sqrt(abar) x0) / sqrt(1-abar)
+        With `clip` (and config.clip_sample or config.thresholding), x0_hat is clipped or
+        dynamically thresholded and eps_hat recomputed from it, so the update stays consistent.
+        The samplers in sampling/ use this too.
+        """
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample "
+                             f"has shape {tuple(sample.shape)}")
+        abar = self.alpha_bar(timesteps, sample)
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
+        elif self.prediction_type == "v_prediction":
+            x0 = abar.sqrt() * sample - (1 - abar).sqrt() * model_output
+            eps = (1 - abar).sqrt() * sample + abar.sqrt() * model_output
+        else:
+            x0 = model_output
+            eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
+        if clip and (self.config.thresholding or self.config.clip_sample):
+            x0 = self._bound_x0(x0)
+            eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return x0, eps
+
+    def _bound_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding (Saharia et al. 2022, sec. 2.3) when config.thresholding, else
+        static clipping to +-clip_sample_range."""
+        cfg = self.config
+        if not cfg.thresholding:
+            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        flat = x0.reshape(x0.shape[0], -1).abs().float()
+        s = torch.quantile(flat, cfg.dynamic_thresholding_ratio, dim=1)
+        s = s.clamp(min=1.0, max=cfg.sample_max_value)  # s = 1 is plain clipping to [-1, 1]
+        s = broadcast_to_sample(s, x0)
+        return torch.maximum(torch.minimum(x0, s), -s) / s
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """DDPM/DDIM feed x_t to the network unscaled (the Euler samplers scale inside)."""
+        return sample
+
+    # ---- reverse steps ----
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             eta: float | None = None,
+             generator: torch.Generator | None = None) -> SchedulerOutput:
+        """One reverse step from `timestep` to the next entry of `self.timesteps`.
+
+        model_output, sample: (B, C, H, W); timestep: an int or one-element tensor from
+        `self.timesteps`; eta: DDIM noise scale (default config.eta; DDPM ignores it).
+        """
+        t = self._check_in_list(timestep)
+        t_prev = self._next[t]
+        dtype = sample.dtype
+        work = _compute_dtype(sample)
+        x_t = sample.to(work)
+        x0, eps = self.convert_model_output(model_output.to(work), t, x_t)
+        abar_t = float(self._alphas_cumprod64[t])
+        abar_prev = float(self._alphas_cumprod64[t_prev]) if t_prev >= 0 else 1.0
+        if self.sampler == "ddpm":
+            prev, std = self._ddpm_mean_std(x0, x_t, abar_t, abar_prev)
+        else:
+            eta = self.config.eta if eta is None else eta
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+                raise ValueError(f"eta={eta!r} must be a number >= 0")
+            prev, std = self._ddim_mean_std(x0, eps, abar_t, abar_prev, eta)
+        if std > 0 and t_prev >= 0:
+            prev = prev + std * randn_like(x_t, generator)
+        return SchedulerOutput(prev.to(dtype), x0.to(dtype))
+
+    def _ddpm_mean_std(self, x0, x_t, abar_t: float, abar_prev: float):
+        """Posterior q(x_{t'} | x_t, x0) (Ho et al. 2020, eqs. 6-7) for a skip t -> t'.
+
+        With alpha~ = abar_t / abar_t' and b~ = 1 - alpha~:
+        mean = sqrt(abar_t') b~ / (1 - abar_t) x0 + sqrt(alpha~) (1 - abar_t') / (1 - abar_t) x_t,
+        variance fixed_small = (1 - abar_t') / (1 - abar_t) b~, fixed_large = b~.
+        No noise is added on the final step (t' = -1), as in Ho et al. Algorithm 2.
+        """
+        alpha_step = abar_t / abar_prev
+        beta_step = 1 - alpha_step
+        coef_x0 = abar_prev**0.5 * beta_step / (1 - abar_t)
+        coef_xt = alpha_step**0.5 * (1 - abar_prev) / (1 - abar_t)
+        if self.config.variance_type == "fixed_small":
+            variance = (1 - abar_prev) / (1 - abar_t) * beta_step
+        else:
+            variance = beta_step
+        return coef_x0 * x0 + coef_xt * x_t, max(variance, 0.0) ** 0.5
+
+    @staticmethod
+    def _ddim_mean_std(x0, eps, abar_t: float, abar_prev: float, eta: float):
+        """DDIM update (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 has DDPM's
+        fixed_small variance.
+
+        sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t')
+        x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z
+        """
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        direction = max(1 - abar_prev - sigma**2, 0.0) ** 0.5  # eta > 1 would make it negative
+        return abar_prev**0.5 * x0 + direction * eps, sigma
+
+
+def _as_int_timestep(timestep: int | torch.Tensor) -> int:
+    """A python int from an int or a one-element integer tensor; a clear error otherwise."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() != 1 or timestep.dtype.is_floating_point \
+                or timestep.dtype == torch.bool:
+            raise ValueError(f"timestep must be one integer; got a {timestep.dtype} tensor of "
+                             f"shape {tuple(timestep.shape)}")
+        return int(timestep.item())
+    if isinstance(timestep, bool) or not isinstance(timestep, int):
+        raise TypeError(f"timestep={timestep!r} must be an int or a one-element int tensor")
+    return timestep

@@ -1,0 +1,1 @@
+"""The networks, a leaf package (the networks issue builds it)."""

@@ -1,0 +1,1 @@
+"""The reverse process: samplers and the text-to-image pipeline (the sampling issue)."""

@@ -1,0 +1,20 @@
+"""Shared test set-up: hypothesis profiles and deterministic seeds."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI runs derandomized so a property test cannot pass on one run and fail on the next.
+settings.register_profile("ci", derandomize=True, max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,207 @@
+"""DiffusionConfig: the guide's defaults, (de)serialisation, validation and --set overrides."""
+
+import dataclasses
+
+import pytest
+
+from diffusion import DiffusionConfig, config_reference, parse_overrides
+
+# The guide's DiffusionConfig call, field by field (advanced-diffusion-guide.md, Core Components).
+GUIDE_DEFAULTS = dict(
+    in_channels=3, out_channels=3, model_channels=128, num_res_blocks=2,
+    attention_resolutions=(8, 16), dropout=0.1, channel_mult=(1, 2, 4, 8), num_heads=8,
+    use_spatial_transformer=True, transformer_depth=1, context_dim=768,
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+    prediction_type="epsilon", learning_rate=1e-4, weight_decay=0.01, max_grad_norm=1.0,
+    mixed_precision=True, gradient_checkpointing=True, use_ema=True, ema_decay=0.9999,
+    loss_type="l2", snr_gamma=5.0, v_prediction=False, num_inference_steps=50,
+    guidance_scale=7.5, eta=0.0,
+)
+
+
+def test_guide_defaults():
+    config = DiffusionConfig()
+    for name, value in GUIDE_DEFAULTS.items():
+        assert getattr(config, name) == value, name
+    assert config.timestep_spacing == "trailing"
+
+
+def test_guide_call_builds_the_same_config():
+    assert DiffusionConfig(**GUIDE_DEFAULTS) == DiffusionConfig()
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_round_trip(tmp_path, fmt):
+    config = DiffusionConfig(channel_mult=(1, 2), attention_resolutions=(16,), snr_gamma=None,
+                             prediction_type="v_prediction", sample_prompts=("a red circle",),
+                             mixed_precision="bf16", data_dir="/data", dataset="folder")
+    path = tmp_path / f"config.{fmt}"
+    getattr(config, f"to_{fmt}")(path)
+    loaded = getattr(DiffusionConfig, f"from_{fmt}")(path)
+    assert loaded == config
+    assert isinstance(loaded.channel_mult, tuple)
+
+
+def test_to_dict_is_plain_and_complete():
+    data = DiffusionConfig().to_dict()
+    assert set(data) == {f.name for f in dataclasses.fields(DiffusionConfig)}
+    assert isinstance(data["channel_mult"], list)
+    assert DiffusionConfig.from_dict(data) == DiffusionConfig()
+
+
+def test_yaml_reads_scientific_notation_as_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 3e-4\nbeta_start: 1.0e-5\n")
+    config = DiffusionConfig.from_yaml(path)
+    assert config.learning_rate == pytest.approx(3e-4)
+    assert config.beta_start == pytest.approx(1e-5)
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    assert DiffusionConfig.from_yaml(path) == DiffusionConfig()
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ValueError, match=r"'snr_gama'.*did you mean 'snr_gamma'"):
+        DiffusionConfig.from_dict({"snr_gama": 3.0})
+
+
+def test_unknown_attribute_assignment_is_an_error():
+    config = DiffusionConfig()
+    with pytest.raises(AttributeError, match=r"'learning_rat'.*did you mean 'learning_rate'"):
+        config.learning_rat = 1e-3
+
+
+def test_from_dict_needs_a_mapping():
+    with pytest.raises(TypeError, match="mapping"):
+        DiffusionConfig.from_dict(["learning_rate"])
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("num_heads", True, r"num_heads=True must be int"),
+    ("num_heads", 2.5, r"num_heads=2.5 must be int"),
+    ("learning_rate", "fast", r"learning_rate='fast' must be float"),
+    ("channel_mult", "1,2", r"channel_mult='1,2' must be a list of int"),
+    ("use_ema", 1, r"use_ema=1 must be bool"),
+    ("snr_gamma", "x", r"snr_gamma='x' must be float or None"),
+])
+def test_type_errors_name_field_value_and_type(name, value, message):
+    with pytest.raises(TypeError, match=message):
+        DiffusionConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name, value, allowed", [
+    ("dropout", 1.0, r"0.0 <= dropout < 1.0"),
+    ("beta_start", 0.0, r"0.0 < beta_start < 1.0"),
+    ("num_train_timesteps", 1, r"2 <= num_train_timesteps"),
+    ("learning_rate", -1e-4, r"0.0 < learning_rate"),
+    ("ema_decay", 1.5, r"0.0 <= ema_decay <= 1.0"),
+    ("snr_gamma", 0.0, r"0.0 < snr_gamma"),
+    ("batch_size", 0, r"1 <= batch_size"),
+])
+def test_range_errors(name, value, allowed):
+    with pytest.raises(ValueError, match=rf"{name}={value!r} is out of range; allowed: {allowed}"):
+        DiffusionConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("beta_schedule", "cosin"), ("prediction_type", "eps"), ("timestep_spacing", "even"),
+    ("sampler", "dpm"), ("variance_type", "learned"), ("loss_type", "mse"),
+    ("lr_scheduler", "step"), ("mixed_precision", "fp8"), ("dataset", "imagenet"),
+])
+def test_choice_errors_list_the_valid_choices(name, value):
+    with pytest.raises(ValueError, match=rf"{name}='{value}' is not one of \["):
+        DiffusionConfig(**{name: value})
+
+
+def test_assignment_is_validated_immediately():
+    config = DiffusionConfig()
+    with pytest.raises(ValueError, match="beta_schedule='foo'"):
+        config.beta_schedule = "foo"
+    config.snr_gamma = 3  # an int is a fine float
+    assert config.snr_gamma == 3.0 and isinstance(config.snr_gamma, float)
+
+
+def test_v_prediction_must_agree_with_prediction_type():
+    with pytest.raises(ValueError, match=r"v_prediction=True contradicts prediction_type="
+                                         r"'epsilon'"):
+        DiffusionConfig(v_prediction=True)
+    assert DiffusionConfig(prediction_type="v_prediction").v_prediction is True
+    assert DiffusionConfig(v_prediction=True, prediction_type="v_prediction").v_prediction
+
+
+def test_guide_two_line_switch_to_v_prediction():
+    config = DiffusionConfig()
+    config.v_prediction = True  # inconsistent for one line, as in the guide
+    config.prediction_type = "v_prediction"
+    assert config.validate() is config
+    config.prediction_type = "sample"
+    with pytest.raises(ValueError, match="contradicts"):
+        config.validate()
+
+
+def test_zero_terminal_snr_rejects_epsilon_prediction():
+    with pytest.raises(ValueError, match=r"rescale_betas_zero_snr.*v_prediction"):
+        DiffusionConfig(rescale_betas_zero_snr=True)
+    DiffusionConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    DiffusionConfig(rescale_betas_zero_snr=True, prediction_type="sample")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta_start=0.02, beta_end=0.01), r"beta_start=0.02 must be smaller than beta_end=0.01"),
+    (dict(num_train_timesteps=10, num_inference_steps=50),
+     r"num_inference_steps=50 must be at most num_train_timesteps=10"),
+    (dict(steps_offset=1), r"steps_offset=1 only applies to timestep_spacing='leading'"),
+    (dict(dataset="folder"), r"dataset='folder' needs data_dir"),
+    (dict(channel_mult=()), r"channel_mult=\(\) must have at least one level"),
+    (dict(attention_resolutions=(8, 0)), r"attention_resolutions=\(8, 0\) must hold positive"),
+])
+def test_cross_field_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionConfig(**kwargs)
+
+
+def test_cosine_ignores_beta_range():
+    DiffusionConfig(beta_schedule="cosine", beta_start=0.02, beta_end=0.01)
+
+
+def test_parse_overrides_types():
+    got = parse_overrides([
+        "learning_rate=3e-4", "batch_size=8", "use_ema=false", "channel_mult=(1, 2)",
+        "attention_resolutions=16,8", "sample_prompts=[a red circle, a blue square]",
+        "snr_gamma=null", "output_dir=runs/x", "mixed_precision=bf16", "eta=1",
+    ])
+    assert got == {
+        "learning_rate": 3e-4, "batch_size": 8, "use_ema": False, "channel_mult": [1, 2],
+        "attention_resolutions": [16, 8],
+        "sample_prompts": ["a red circle", "a blue square"], "snr_gamma": None,
+        "output_dir": "runs/x", "mixed_precision": "bf16", "eta": 1,
+    }
+    config = DiffusionConfig().with_overrides(got)
+    assert config.channel_mult == (1, 2) and config.eta == 1.0 and config.snr_gamma is None
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("learning_rate", r"must look like key=value"),
+    ("=3", r"must look like key=value"),
+    ("lerning_rate=3", r"unknown config field 'lerning_rate'.*did you mean 'learning_rate'"),
+    ("channel_mult=[1, 2", r"cannot parse the value of override"),
+])
+def test_parse_overrides_errors(pair, message):
+    with pytest.raises(ValueError, match=message):
+        parse_overrides([pair])
+
+
+def test_with_overrides_validates():
+    with pytest.raises(ValueError, match="did you mean 'eta'"):
+        DiffusionConfig().with_overrides({"etta": 1.0})
+    with pytest.raises(ValueError, match="dropout=2.0 is out of range"):
+        DiffusionConfig().with_overrides({"dropout": 2.0})
+
+
+def test_config_reference_covers_every_field():
+    rows = config_reference()
+    assert [r[0] for r in rows] == [f.name for f in dataclasses.fields(DiffusionConfig)]
+    assert all(help_text for _, _, help_text in rows)

@@ -1,0 +1,335 @@
+"""AdvancedScheduler: forward process, parameterisations, DDPM/DDIM steps, errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from diffusion import AdvancedScheduler, DiffusionConfig, randn_like
+
+SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
+SPACINGS = ("leading", "trailing", "linspace")
+# (prediction_type, rescale_betas_zero_snr): every combination the config allows.
+PROCESSES = [("epsilon", False), ("v_prediction", False), ("sample", False),
+             ("v_prediction", True), ("sample", True)]
+F64 = torch.float64
+
+
+def make(prediction_type="epsilon", schedule="linear", zero_snr=False, sampler=None, **kw):
+    kw.setdefault("clip_sample", False)
+    config = DiffusionConfig(prediction_type=prediction_type, beta_schedule=schedule,
+                             rescale_betas_zero_snr=zero_snr, **kw)
+    return AdvancedScheduler(config, sampler=sampler)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@st.composite
+def processes(draw):
+    prediction_type, zero_snr = draw(st.sampled_from(PROCESSES))
+    T = draw(st.sampled_from([2, 10, 100, 1000]))
+    return make(prediction_type, draw(st.sampled_from(SCHEDULES)), zero_snr,
+                num_train_timesteps=T, num_inference_steps=min(50, T))
+
+
+# ---- forward process ----
+
+@given(processes(), st.integers(0, 2**16))
+def test_add_noise_coefficients_preserve_unit_variance(sched, seed):
+    """sqrt(abar)^2 + sqrt(1-abar)^2 = 1 at every timestep, so unit-variance data stays so."""
+    t = torch.arange(sched.num_train_timesteps)
+    ones, zeros = torch.ones(len(t), 1, dtype=F64), torch.zeros(len(t), 1, dtype=F64)
+    signal = sched.add_noise(ones, t, noise=zeros)
+    noise = sched.add_noise(zeros, t, noise=ones)
+    torch.testing.assert_close(signal**2 + noise**2, ones, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_add_noise_of_unit_variance_data_has_unit_variance(schedule):
+    sched = make("v_prediction", schedule)
+    n = 200_000  # variance estimate has standard error sqrt(2 / n) = 0.0032; allow 5 of them
+    for t in (0, 250, 500, 999):
+        x0 = torch.randn(n, generator=gen(t), dtype=F64)
+        x_t = sched.add_noise(x0, torch.full((n,), t), generator=gen(t + 1))
+        assert abs(x_t.var().item() - 1) < 5 * (2 / n) ** 0.5
+
+
+def test_add_noise_generator_determinism():
+    sched = make()
+    x0 = torch.zeros(2, 3, 4, 4)
+    a = sched.add_noise(x0, 10, generator=gen(1))
+    b = sched.add_noise(x0, 10, generator=gen(1))
+    c = sched.add_noise(x0, 10, generator=gen(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@given(processes(), st.integers(0, 2**16))
+def test_conversions_round_trip(sched, seed):
+    g = gen(seed)
+    x0 = torch.randn(6, 2, 3, 3, generator=g, dtype=F64)
+    eps = torch.randn(6, 2, 3, 3, generator=g, dtype=F64)
+    t = torch.randint(0, sched.num_train_timesteps, (6,), generator=g)
+    t[0], t[1] = 0, sched.num_train_timesteps - 1  # both ends every time
+    x_t = sched.add_noise(x0, t, noise=eps)
+    out = sched.model_output_from(x0, eps, t)
+    x0_hat, eps_hat = sched.convert_model_output(out, t, x_t, clip=False)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-7, atol=1e-7)
+
+
+def test_get_velocity_definition():
+    sched = make("v_prediction")
+    x0, eps = torch.randn(3, 1, 2, 2, dtype=F64), torch.randn(3, 1, 2, 2, dtype=F64)
+    t = torch.tensor([0, 500, 999])
+    abar = sched.alpha_bar(t, x0)
+    assert abar.shape == (3, 1, 1, 1)
+    torch.testing.assert_close(abar.float().flatten(), sched.alphas_cumprod[t])
+    torch.testing.assert_close(sched.get_velocity(x0, eps, t),
+                               abar.sqrt() * eps - (1 - abar).sqrt() * x0, rtol=1e-12, atol=1e-12)
+
+
+# ---- timestep list ----
+
+@given(st.integers(2, 4000), st.data(), st.sampled_from(SPACINGS))
+def test_set_timesteps_gives_n_unique_decreasing_in_range(T, data, spacing):
+    n = data.draw(st.integers(1, T))
+    sched = make(num_train_timesteps=T, timestep_spacing=spacing, num_inference_steps=1)
+    sched.set_timesteps(n)
+    steps = sched.timesteps
+    assert steps.shape == (n,) and (steps[1:] < steps[:-1]).all()
+    assert 0 <= steps.min() and steps.max() < T
+    for a, b in zip(steps.tolist(), steps.tolist()[1:] + [-1]):
+        assert sched.previous_timestep(a) == b
+
+
+def test_guide_step_before_set_timesteps():
+    """The guide steps from t=500 without set_timesteps: the list is all T timesteps."""
+    sched = AdvancedScheduler(DiffusionConfig())
+    assert sched.timesteps.tolist() == list(range(999, -1, -1))
+    noisy = sched.add_noise(torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)))
+    result = sched.step(torch.randn(2, 3, 32, 32), 500, noisy)
+    assert result.prev_sample.shape == (2, 3, 32, 32)
+    assert sched.previous_timestep(500) == 499
+
+
+# ---- DDIM ----
+
+@given(processes(), st.sampled_from(SPACINGS), st.data())
+def test_ddim_with_true_prediction_walks_the_forward_process_to_x0(sched, spacing, data):
+    """DDIM eta=0 fed the true (x0, eps) lands exactly on x_{t'} = sqrt(abar') x0 + sqrt(1-abar')
+    eps at the NEXT entry of the list (not t - T//n), and the last step returns x0."""
+    sched.config.timestep_spacing = spacing
+    T = sched.num_train_timesteps
+    sched.set_timesteps(data.draw(st.integers(1, min(T, 60))))
+    g = gen(data.draw(st.integers(0, 1000)))
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=F64), torch.randn(2, 3, 4, 4,
+                                                                          generator=g, dtype=F64)
+    x = sched.add_noise(x0, int(sched.timesteps[0]), noise=eps)
+    for t in sched.timesteps:
+        out = sched.step(sched.model_output_from(x0, eps, t), t, x, eta=0.0)
+        torch.testing.assert_close(out.pred_original_sample, x0, rtol=1e-7, atol=1e-7)
+        t_prev = sched.previous_timestep(t)
+        expected = x0 if t_prev < 0 else sched.add_noise(x0, t_prev, noise=eps)
+        torch.testing.assert_close(out.prev_sample, expected, rtol=1e-7, atol=1e-7)
+        x = out.prev_sample
+    torch.testing.assert_close(x, x0, rtol=1e-7, atol=1e-7)
+
+
+def test_ddim_linspace_step_lands_on_next_entry_not_t_minus_T_over_n():
+    sched = make(timestep_spacing="linspace")
+    sched.set_timesteps(4)  # 999, 666, 333, 0; T // n = 250 would land on 749
+    x0, eps = torch.randn(1, 1, 2, 2, dtype=F64), torch.randn(1, 1, 2, 2, dtype=F64)
+    x = sched.add_noise(x0, 999, noise=eps)
+    prev = sched.step(sched.model_output_from(x0, eps, 999), 999, x).prev_sample
+    torch.testing.assert_close(prev, sched.add_noise(x0, 666, noise=eps))
+
+
+@given(processes(), st.integers(0, 2**16), st.data())
+def test_ddim_eta_one_equals_ddpm_fixed_small(sched, seed, data):
+    """Song et al. 2021: eta = 1 gives sigma^2 = DDPM's posterior (fixed_small) variance."""
+    config = sched.config
+    ddpm = AdvancedScheduler(config, sampler="ddpm")
+    n = data.draw(st.integers(1, min(config.num_train_timesteps, 30)))
+    sched.set_timesteps(n)
+    ddpm.set_timesteps(n)
+    t = data.draw(st.sampled_from(sched.timesteps.tolist()))
+    g = gen(seed)
+    x, out = torch.randn(2, 1, 3, 3, generator=g, dtype=F64), torch.randn(2, 1, 3, 3,
+                                                                          generator=g, dtype=F64)
+    a = sched.step(out, t, x, eta=1.0, generator=gen(seed)).prev_sample
+    b = ddpm.step(out, t, x, generator=gen(seed)).prev_sample
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- DDPM ----
+
+@given(processes(), st.sampled_from(["fixed_small", "fixed_large"]), st.integers(0, 2**16),
+       st.data())
+def test_ddpm_step_is_the_closed_form_posterior(sched, variance_type, seed, data):
+    """q(x_t' | x_t, x0) by precision weighting of q(x_t | x_t') and q(x_t' | x0), written
+    independently of the scheduler's product form (Ho et al. 2020, eq. 7)."""
+    sched.config.variance_type = variance_type
+    ddpm = AdvancedScheduler(sched.config, sampler="ddpm")
+    T = ddpm.num_train_timesteps
+    ddpm.set_timesteps(data.draw(st.integers(2, min(T, 40))))
+    t = data.draw(st.sampled_from(ddpm.timesteps[:-1].tolist()))
+    t_prev = ddpm.previous_timestep(t)
+    g = gen(seed)
+    x0, x_t = torch.randn(2, 3, 2, 2, generator=g, dtype=F64), torch.randn(2, 3, 2, 2,
+                                                                          generator=g, dtype=F64)
+    out = ddpm.step(ddpm.model_output_from(x0, torch.zeros_like(x0), t), t, x_t,
+                    generator=gen(seed))
+    a_t = ddpm.alpha_bar(t, x_t.new_zeros(())).item()  # float64 table entries
+    a_p = ddpm.alpha_bar(t_prev, x_t.new_zeros(())).item()
+    # convert_model_output rebuilds eps from (x0, x_t); only x0 enters the posterior mean
+    x0_used = out.pred_original_sample
+    step_var = 1 - a_t / a_p  # variance of q(x_t | x_t')
+    var = 1 / (1 / (1 - a_p) + (a_t / a_p) / step_var)
+    mean = var * (a_p**0.5 * x0_used / (1 - a_p) + (a_t / a_p) ** 0.5 * x_t / step_var)
+    if variance_type == "fixed_large":
+        var = step_var
+    z = randn_like(x_t, gen(seed))
+    torch.testing.assert_close(out.prev_sample, mean + var**0.5 * z, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_last_step_returns_x0_without_noise(sampler):
+    sched = make(sampler=sampler, variance_type="fixed_large", eta=1.0)
+    sched.set_timesteps(10)
+    x0, x = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    last = sched.timesteps[-1]
+    out = sched.step(sched.model_output_from(x0, torch.zeros_like(x0), last), last, x,
+                     generator=gen(0))
+    torch.testing.assert_close(out.prev_sample, out.pred_original_sample)
+
+
+def test_stochastic_step_determinism():
+    sched = make(sampler="ddpm")
+    x, out = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    a = sched.step(out, 500, x, generator=gen(3)).prev_sample
+    b = sched.step(out, 500, x, generator=gen(3)).prev_sample
+    c = sched.step(out, 500, x, generator=gen(4)).prev_sample
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---- x0 clipping and dynamic thresholding ----
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_clip_sample_bounds_x0_and_recomputes_eps(prediction_type):
+    sched = make(prediction_type, clip_sample=True, clip_sample_range=0.5)
+    x_t, out = 3 * torch.randn(4, 3, 4, 4, dtype=F64), 3 * torch.randn(4, 3, 4, 4, dtype=F64)
+    x0, eps = sched.convert_model_output(out, 300, x_t)
+    assert x0.abs().max() <= 0.5 and (x0.abs() == 0.5).any()
+    abar = sched.alpha_bar(300, x_t)
+    torch.testing.assert_close(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, x_t)
+    result = sched.step(out, 300, x_t)
+    torch.testing.assert_close(result.pred_original_sample, x0)
+
+
+def test_dynamic_thresholding():
+    sched = make("sample", thresholding=True, dynamic_thresholding_ratio=0.9,
+                 sample_max_value=10.0)
+    x0 = torch.linspace(-4, 4, 100, dtype=F64).reshape(1, 1, 10, 10)
+    x0 = torch.cat([x0, x0 / 8])  # second image inside [-1, 1]: threshold s = 1, unchanged
+    x_t = torch.zeros_like(x0)
+    bounded, _ = sched.convert_model_output(x0, 10, x_t)
+    s = torch.quantile(x0[0].abs().flatten(), 0.9).item()
+    assert 1 < s < 4
+    torch.testing.assert_close(bounded[0], x0[0].clamp(-s, s) / s)
+    torch.testing.assert_close(bounded[1], x0[1])
+    # sample_max_value = 1 makes it plain clipping to [-1, 1]
+    sched.config.sample_max_value = 1.0
+    torch.testing.assert_close(sched.convert_model_output(x0, 10, x_t)[0], x0.clamp(-1, 1))
+
+
+# ---- numerics everywhere ----
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction_type, zero_snr", PROCESSES)
+def test_no_nan_or_inf_at_any_timestep(schedule, prediction_type, zero_snr):
+    g = gen(0)
+    steppers = [make(prediction_type, schedule, zero_snr, sampler="ddpm", clip_sample=clip,
+                     variance_type=var)
+                for clip in (False, True) for var in ("fixed_small", "fixed_large")]
+    steppers += [make(prediction_type, schedule, zero_snr, sampler="ddim", eta=eta)
+                 for eta in (0.0, 1.0)]
+    T = steppers[0].num_train_timesteps
+    t_all = torch.arange(T)
+    x0 = torch.randn(T, 2, 2, 2, generator=g)
+    x_t = steppers[0].add_noise(x0, t_all, generator=g)
+    assert torch.isfinite(x_t).all()
+    assert torch.isfinite(steppers[0].get_velocity(x0, x_t, t_all)).all()
+    out = 10 * torch.randn(T, 2, 2, 2, generator=g)
+    for sched in steppers:
+        x0_hat, eps_hat = sched.convert_model_output(out, t_all, x_t)
+        assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()
+        assert torch.isfinite(sched.model_output_from(x0, x_t, t_all)).all()
+        for t in range(T):  # every timestep, first and last included, one step each
+            result = sched.step(out[t:t + 1], t, x_t[t:t + 1], generator=g)
+            assert torch.isfinite(result.prev_sample).all(), (sched.sampler, t)
+            assert torch.isfinite(result.pred_original_sample).all(), (sched.sampler, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_step_keeps_dtype(dtype):
+    sched = make(clip_sample=True)
+    x, out = torch.randn(2, 3, 4, 4, dtype=dtype), torch.randn(2, 3, 4, 4, dtype=dtype)
+    result = sched.step(out, 999, x)
+    assert result.prev_sample.dtype == dtype and torch.isfinite(result.prev_sample).all()
+
+
+# ---- image-to-image ----
+
+def test_img2img_timesteps():
+    sched = make()
+    sched.set_timesteps(10)
+    assert len(sched.img2img_timesteps(0.0)) == 0
+    assert torch.equal(sched.img2img_timesteps(1.0), sched.timesteps)
+    assert torch.equal(sched.img2img_timesteps(0.5), sched.timesteps[5:])
+    assert torch.equal(sched.img2img_timesteps(0.26), sched.timesteps[7:])
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s: AdvancedScheduler({"beta_schedule": "linear"}), TypeError,
+     r"config must be a DiffusionConfig"),
+    (lambda s: AdvancedScheduler(s.config, sampler="euler"), ValueError,
+     r"sampler='euler'.*\['ddpm', 'ddim'\]"),
+    (lambda s: s.step(torch.zeros(1, 1, 2, 2), 500, torch.zeros(1, 1, 2, 2)), ValueError,
+     r"timestep=500 is not one of the scheduler's 10 timesteps"),
+    (lambda s: s.step(torch.zeros(1, 1, 2, 2), 999.0, torch.zeros(1, 1, 2, 2)), TypeError,
+     r"timestep=999.0 must be an int"),
+    (lambda s: s.step(torch.zeros(1, 1, 2, 2), torch.tensor([999, 899]),
+                      torch.zeros(1, 1, 2, 2)), ValueError, r"timestep must be one integer"),
+    (lambda s: s.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 4, 4)), ValueError,
+     r"model_output has shape \(1, 1, 2, 2\) but sample has shape \(1, 1, 4, 4\)"),
+    (lambda s: s.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 2, 2), eta=-1.0),
+     ValueError, r"eta=-1.0 must be a number >= 0"),
+    (lambda s: s.add_noise(torch.zeros(2, 1), torch.tensor([0, 1000])), ValueError,
+     r"timesteps must lie in \[0, 999\]; got values in \[0, 1000\]"),
+    (lambda s: s.add_noise(torch.zeros(2, 1), torch.tensor([0.5, 1.0])), TypeError,
+     r"timesteps must be integers"),
+    (lambda s: s.add_noise(torch.zeros(2, 1), torch.tensor([1, 2, 3])), ValueError,
+     r"timesteps has shape \(3,\); expected a scalar or \(2,\)"),
+    (lambda s: s.add_noise(torch.zeros(2, 1), 5, noise=torch.zeros(2, 2)), ValueError,
+     r"noise has shape \(2, 2\) but original_samples has shape \(2, 1\)"),
+    (lambda s: s.set_timesteps(0), ValueError, r"num_inference_steps=0"),
+    (lambda s: s.set_timesteps(1001), ValueError, r"num_inference_steps=1001"),
+    (lambda s: s.img2img_timesteps(1.5), ValueError, r"strength=1.5 must be a number in"),
+    (lambda s: s.img2img_timesteps(-0.1), ValueError, r"strength=-0.1 must be a number in"),
+])
+def test_errors(call, error, message):
+    sched = make()
+    sched.set_timesteps(10)
+    with pytest.raises(error, match=message):
+        call(sched)
+
+
+def test_contradictory_config_is_caught_when_the_scheduler_is_built():
+    config = DiffusionConfig()
+    config.v_prediction = True  # and forgot prediction_type
+    with pytest.raises(ValueError, match="contradicts"):
+        AdvancedScheduler(config)

@@ -1,0 +1,136 @@
+"""Property tests of the beta schedules, SNR and the inference timestep spacings."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from diffusion import (
+    AdvancedScheduler,
+    DiffusionConfig,
+    alphas_cumprod_from_betas,
+    inference_timesteps,
+    make_betas,
+    rescale_zero_terminal_snr,
+    snr,
+)
+
+SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+@st.composite
+def schedule_args(draw):
+    T = draw(st.integers(2, 4000))
+    beta_start = draw(st.floats(1e-5, 1e-2))
+    beta_end = draw(st.floats(beta_start * 1.5, 0.2))
+    return draw(st.sampled_from(SCHEDULES)), T, beta_start, beta_end
+
+
+@given(schedule_args())
+def test_betas_in_open_unit_interval(args):
+    betas = make_betas(*args)
+    assert betas.dtype == torch.float64 and betas.shape == (args[1],)
+    assert (betas > 0).all() and (betas < 1).all()
+
+
+@given(schedule_args())
+def test_alphas_cumprod_strictly_decreasing_in_unit_interval(args):
+    abar = alphas_cumprod_from_betas(make_betas(*args))
+    assert (abar > 0).all() and (abar <= 1).all()
+    assert (abar[1:] < abar[:-1]).all()
+
+
+@given(schedule_args())
+def test_snr_strictly_decreasing(args):
+    ratio = snr(alphas_cumprod_from_betas(make_betas(*args)))
+    assert (ratio > 0).all() and (ratio[1:] < ratio[:-1]).all()
+
+
+@given(schedule_args())
+def test_zero_terminal_snr(args):
+    betas = make_betas(*args)
+    rescaled = rescale_zero_terminal_snr(betas)
+    abar, abar_old = alphas_cumprod_from_betas(rescaled), alphas_cumprod_from_betas(betas)
+    assert abar[-1] == 0 and rescaled[-1] == 1
+    assert (rescaled[:-1] > 0).all() and (rescaled[:-1] < 1).all()
+    assert (abar[1:] < abar[:-1]).all()
+    # Lin et al. 2023: sqrt(abar) is an affine map of the old one fixing the first value.
+    torch.testing.assert_close(abar[0], abar_old[0], rtol=1e-12, atol=0)
+    s_old, s_new = abar_old.sqrt(), abar.sqrt()
+    expected = (s_old - s_old[-1]) * s_old[0] / (s_old[0] - s_old[-1])
+    torch.testing.assert_close(s_new, expected, rtol=1e-9, atol=1e-12)
+    assert snr(abar)[-1] == 0
+
+
+def test_linear_and_quadratic_formulas():
+    torch.testing.assert_close(make_betas("linear", 1000, 1e-4, 0.02)[[0, -1]],
+                               torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    quad = make_betas("quadratic", 5, 1e-4, 0.04)
+    expected = torch.linspace(0.01, 0.2, 5, dtype=torch.float64) ** 2
+    torch.testing.assert_close(quad, expected)
+    torch.testing.assert_close(make_betas("scaled_linear", 7, 1e-4, 0.02),
+                               make_betas("quadratic", 7, 1e-4, 0.02))
+
+
+@given(st.integers(2, 4000))
+def test_cosine_alphas_cumprod_closed_form(T):
+    """Nichol & Dhariwal: abar_t = f((t+1)/T) / f(0) wherever the 0.999 clip is inactive."""
+    betas = make_betas("cosine", T)
+    abar = alphas_cumprod_from_betas(betas)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    unclipped = int((betas < 0.999).sum())
+    assert unclipped >= T - 1  # only the last beta can hit the clip
+    for t in range(0, unclipped, max(1, unclipped // 20)):
+        assert abar[t].item() == pytest.approx(f((t + 1) / T) / f(0), rel=1e-9)
+
+
+def test_sigmoid_endpoints():
+    betas = make_betas("sigmoid", 1000, 1e-4, 0.02)
+    s = torch.sigmoid(torch.tensor([-6.0, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(betas[[0, -1]], s * (0.02 - 1e-4) + 1e-4)
+
+
+@given(st.integers(2, 4000), st.data(), st.sampled_from(SPACINGS))
+def test_spacings_strictly_decreasing_unique_in_range(T, data, spacing):
+    n = data.draw(st.integers(1, T))
+    steps = inference_timesteps(spacing, T, n)
+    assert steps.dtype == torch.int64 and steps.shape == (n,)
+    assert (steps[1:] < steps[:-1]).all()
+    assert steps.min() >= 0 and steps.max() <= T - 1
+
+
+def test_spacing_values():
+    assert inference_timesteps("trailing", 1000, 4).tolist() == [999, 749, 499, 249]
+    assert inference_timesteps("leading", 1000, 4).tolist() == [750, 500, 250, 0]
+    assert inference_timesteps("leading", 1000, 4, steps_offset=1).tolist() == [751, 501, 251, 1]
+    assert inference_timesteps("linspace", 1000, 4).tolist() == [999, 666, 333, 0]
+    assert inference_timesteps("trailing", 10, 10).tolist() == list(range(9, -1, -1))
+    assert inference_timesteps("trailing", 1000, 1).tolist() == [999]
+
+
+def test_scheduler_tables_are_float32_copies_of_float64_math():
+    config = DiffusionConfig(beta_schedule="cosine")
+    sched = AdvancedScheduler(config)
+    abar64 = alphas_cumprod_from_betas(make_betas("cosine", 1000))
+    assert sched.alphas_cumprod.dtype == torch.float32
+    torch.testing.assert_close(sched.alphas_cumprod, abar64.float())
+    torch.testing.assert_close(sched.betas, make_betas("cosine", 1000).float())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: make_betas("cosin", 10), r"beta_schedule='cosin' is not one of"),
+    (lambda: make_betas("linear", 1), r"num_train_timesteps=1 must be an int >= 2"),
+    (lambda: inference_timesteps("even", 10, 5), r"timestep_spacing='even' is not one of"),
+    (lambda: inference_timesteps("trailing", 10, 0), r"num_inference_steps=0 must be an int"),
+    (lambda: inference_timesteps("trailing", 10, 11), r"num_inference_steps=11 .* \[1, "),
+    (lambda: inference_timesteps("leading", 10, 10, steps_offset=1),
+     r"steps_offset=1 pushes the first 'leading' timestep to 10"),
+    (lambda: inference_timesteps("trailing", 10, 5, steps_offset=1),
+     r"steps_offset=1 only applies to timestep_spacing='leading'"),
+])
+def test_schedule_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
