@@ -47,7 +47,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class AdvancedScheduler:
     """Noise schedule plus DDPM / DDIM steps for one `DiffusionConfig`.
 
-    Attributes: betas, alphas, alphas_cumprod ((T,) float32), timesteps (int64, strictly
+    Attributes: betas, alphas, alphas_cumprod ((T,) float32), alphas_cumprod_float64 (the
+    float64 table every coefficient is computed from: 1 - abar near t = 0 needs it), timesteps (int64, strictly
     decreasing; all T training timesteps until `set_timesteps` is called), init_noise_sigma,
     prediction_type, sampler ("ddpm" or "ddim": what `step` does).
     """
@@ -68,10 +69,10 @@ class AdvancedScheduler:
         betas = make_betas(config.beta_schedule, T, config.beta_start, config.beta_end)
         if config.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
-        self._alphas_cumprod64 = alphas_cumprod_from_betas(betas)
+        self.alphas_cumprod_float64 = alphas_cumprod_from_betas(betas)
         self.betas = betas.float()
         self.alphas = (1 - betas).float()
-        self.alphas_cumprod = self._alphas_cumprod64.float()
+        self.alphas_cumprod = self.alphas_cumprod_float64.float()
         self.init_noise_sigma = 1.0  # x_T ~ N(0, I) for a variance-preserving process
         self.num_inference_steps: int | None = None
         self._set_timestep_list(torch.arange(T - 1, -1, -1, dtype=torch.int64))
@@ -124,8 +125,8 @@ class AdvancedScheduler:
 
     def alpha_bar(self, timesteps, like: torch.Tensor) -> torch.Tensor:
         """abar at `timesteps` (int, or (B,) ints; -1 means abar = 1), broadcast to `like`."""
-        t = torch.as_tensor(timesteps, device=self._alphas_cumprod64.device)
-        abar = torch.where(t >= 0, self._alphas_cumprod64[t.clamp(min=0).cpu()], 1.0)
+        t = torch.as_tensor(timesteps, device=self.alphas_cumprod_float64.device)
+        abar = torch.where(t >= 0, self.alphas_cumprod_float64[t.clamp(min=0).cpu()], 1.0)
         return broadcast_to_sample(abar, like)
 
     def _check_timesteps(self, timesteps, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +227,8 @@ class AdvancedScheduler:
         work = _compute_dtype(sample)
         x_t = sample.to(work)
         x0, eps = self.convert_model_output(model_output.to(work), t, x_t)
-        abar_t = float(self._alphas_cumprod64[t])
-        abar_prev = float(self._alphas_cumprod64[t_prev]) if t_prev >= 0 else 1.0
+        abar_t = float(self.alphas_cumprod_float64[t])
+        abar_prev = float(self.alphas_cumprod_float64[t_prev]) if t_prev >= 0 else 1.0
         if self.sampler == "ddpm":
             prev, std = self._ddpm_mean_std(x0, x_t, abar_t, abar_prev)
         else:

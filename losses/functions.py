@@ -14,6 +14,11 @@ from .targets import as_alphas_cumprod, broadcast_to_sample, min_snr_weight
 REDUCTIONS = ("mean", "per_sample", "none")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are reduced in float32; float32/float64 keep their precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.shape != target.shape:
         raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape "
@@ -38,13 +43,13 @@ class AdvancedLossFunctions:
     def l2_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
         """Squared error (pred - target)^2."""
         _check_pair(pred, target)
-        return reduce((pred.float() - target.float()) ** 2, reduction)
+        return reduce((_upcast(pred) - _upcast(target)) ** 2, reduction)
 
     @staticmethod
     def l1_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
         """Absolute error |pred - target|."""
         _check_pair(pred, target)
-        return reduce((pred.float() - target.float()).abs(), reduction)
+        return reduce((_upcast(pred) - _upcast(target)).abs(), reduction)
 
     @staticmethod
     def huber_loss(pred: torch.Tensor, target: torch.Tensor, c: float = 0.001,
@@ -55,7 +60,7 @@ class AdvancedLossFunctions:
         _check_pair(pred, target)
         if not c > 0:
             raise ValueError(f"c={c!r} must be > 0")
-        d2 = (pred.float() - target.float()) ** 2
+        d2 = (_upcast(pred) - _upcast(target)) ** 2
         # d^2 / (sqrt(d^2 + c^2) + c) is the same value without the cancellation that makes the
         # literal form (and its gradient) exactly 0 in float32 once d^2 < 1e-7 c^2.
         return reduce(d2 / (torch.sqrt(d2 + c**2) + c), reduction)
@@ -95,8 +100,8 @@ class AdvancedLossFunctions:
         per_sample = AdvancedLossFunctions.l2_loss(pred, target, reduction="per_sample")
         if gamma is not None:
             abar_t = abar.double()[timesteps]
-            per_sample = per_sample * min_snr_weight(abar_t / (1 - abar_t), gamma,
-                                                     prediction_type).float()
+            weight = min_snr_weight(abar_t / (1 - abar_t), gamma, prediction_type)
+            per_sample = per_sample * weight.to(per_sample.dtype)
         return reduce(per_sample, reduction)
 
     @staticmethod
@@ -117,4 +122,4 @@ class AdvancedLossFunctions:
             raise ValueError(f"alpha_bar must lie in [0, 1); got values in "
                              f"[{abar.min().item():.4g}, {abar.max().item():.4g}]")
         weight = 1 / (1 - broadcast_to_sample(abar.double(), pred.double()))
-        return reduce(weight.float() * (pred.float() - target.float()) ** 2, reduction)
+        return reduce(weight.to(_upcast(pred).dtype) * (_upcast(pred) - _upcast(target)) ** 2, reduction)

@@ -24,11 +24,13 @@ def guide_default_alphas_cumprod() -> torch.Tensor:
 
 
 def as_alphas_cumprod(schedule) -> torch.Tensor:
-    """Accept None (the guide's default schedule), a (T,) tensor, or an object with
-    `.alphas_cumprod`; return the (T,) tensor."""
+    """Accept None (the guide's default schedule), a (T,) tensor, or a scheduler; return the
+    (T,) table, preferring a scheduler's float64 copy (SNR near t = 0 needs 1 - abar exactly)."""
     if schedule is None:
         return guide_default_alphas_cumprod()
-    table = getattr(schedule, "alphas_cumprod", schedule)
+    table = getattr(schedule, "alphas_cumprod_float64", None)
+    if table is None:
+        table = getattr(schedule, "alphas_cumprod", schedule)
     if not isinstance(table, torch.Tensor) or table.ndim != 1:
         raise TypeError(f"alphas_cumprod must be a 1-D tensor or have an .alphas_cumprod "
                         f"attribute; got {type(schedule).__name__}")

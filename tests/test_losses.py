@@ -37,12 +37,19 @@ def test_reductions_agree(loss):
 @given(seeds, st.floats(1e-4, 10.0))
 def test_pseudo_huber(seed, c):
     pred, target = rand(seed, 3, 2, 4, 4, dtype=F64), rand(seed + 1, 3, 2, 4, 4, dtype=F64)
-    d = (pred - target).float()
+    d = pred - target
     expected = (torch.sqrt(d**2 + c**2) - c).mean()
     got = L.huber_loss(pred, target, c=c)
     torch.testing.assert_close(got, expected)
     assert got >= 0
     assert L.huber_loss(pred, pred, c=c) == 0
+
+
+def test_half_precision_inputs_are_reduced_in_float32():
+    pred, target = rand(0, 2, 3, 4, 4).bfloat16(), rand(1, 2, 3, 4, 4).bfloat16()
+    assert L.l2_loss(pred, target).dtype == torch.float32
+    torch.testing.assert_close(L.l2_loss(pred, target),
+                               F.mse_loss(pred.float(), target.float()))
 
 
 def test_pseudo_huber_limits():
@@ -90,7 +97,7 @@ def test_min_snr_loss_is_the_same_x0_loss_in_every_parameterisation(seed, schedu
         target = sched.model_output_from(x0, eps, t)
         values.append(L.snr_loss(pred, target, eps, t, gamma=gamma, alphas_cumprod=sched,
                                  prediction_type=prediction_type, reduction="per_sample"))
-    abar = sched.alphas_cumprod.double()[t]
+    abar = sched.alphas_cumprod_float64[t]
     snr = abar / (1 - abar)
     expected = torch.clamp(snr, max=gamma) * ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
     for got in values:

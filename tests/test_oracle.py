@@ -36,8 +36,7 @@ def make(prediction_type="epsilon", spacing="trailing", sampler="ddim"):
 
 def chain_moments(sched, mu, s, eta):
     """Mean and variance of the sampler's output for N(mu, s^2) data, x_T ~ N(0, 1)."""
-    abar64 = [sched.alpha_bar(t, torch.zeros((), dtype=torch.float64)).item()
-              for t in range(sched.num_train_timesteps)]
+    abar64 = sched.alphas_cumprod_float64.tolist()
     steps = sched.timesteps.tolist()
     m, v = 0.0, 1.0
     for t, t_prev in zip(steps, steps[1:] + [-1]):
