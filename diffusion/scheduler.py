@@ -47,10 +47,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class AdvancedScheduler:
     """Noise schedule plus DDPM / DDIM steps for one `DiffusionConfig`.
 
-    Attributes: betas, alphas, alphas_cumprod ((T,) float32), alphas_cumprod_float64 (the
-    float64 table every coefficient is computed from: 1 - abar near t = 0 needs it), timesteps (int64, strictly
-    decreasing; all T training timesteps until `set_timesteps` is called), init_noise_sigma,
-    prediction_type, sampler ("ddpm" or "ddim": what `step` does).
+    Attributes: betas, alphas, alphas_cumprod ((T,) float32); alphas_cumprod_float64 (the table
+    every coefficient is computed from: 1 - abar near t = 0 needs float64); timesteps (int64,
+    strictly decreasing; all T training timesteps until `set_timesteps` is called);
+    init_noise_sigma; prediction_type; sampler ("ddpm" or "ddim": what `step` does).
     """
 
     def __init__(self, config: DiffusionConfig, sampler: str | None = None):

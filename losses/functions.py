@@ -121,5 +121,6 @@ class AdvancedLossFunctions:
         if abar.numel() and (abar.min() < 0 or abar.max() >= 1):
             raise ValueError(f"alpha_bar must lie in [0, 1); got values in "
                              f"[{abar.min().item():.4g}, {abar.max().item():.4g}]")
+        diff2 = (_upcast(pred) - _upcast(target)) ** 2
         weight = 1 / (1 - broadcast_to_sample(abar.double(), pred.double()))
-        return reduce(weight.to(_upcast(pred).dtype) * (_upcast(pred) - _upcast(target)) ** 2, reduction)
+        return reduce(weight.to(diff2.dtype) * diff2, reduction)
