@@ -1,1 +1,57 @@
-"""The networks, a leaf package (the networks issue builds it)."""
+"""The networks, a leaf package (imports nothing from the project): the UNet with its blocks,
+attention and timestep embedding, and the from-scratch byte-level text encoder."""
+
+from .attention import (
+    ATTENTION_BACKENDS,
+    GEGLU,
+    AttentionBlock,
+    BasicTransformerBlock,
+    CrossAttention,
+    FeedForward,
+    SpatialTransformer,
+    attention,
+    explicit_attention,
+)
+from .blocks import Downsample, Dropout, Normalize, ResBlock, Upsample, norm_groups
+from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_as_batch
+from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock
+from .unet import (
+    AdvancedUNet,
+    DownBlock,
+    MidBlock,
+    UNet,
+    UpBlock,
+    attention_levels_for,
+    cpu_has_fast_low_precision,
+)
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "AdvancedUNet",
+    "AttentionBlock",
+    "BasicTransformerBlock",
+    "ByteTokenizer",
+    "CrossAttention",
+    "DownBlock",
+    "Downsample",
+    "Dropout",
+    "FeedForward",
+    "GEGLU",
+    "MidBlock",
+    "Normalize",
+    "ResBlock",
+    "SpatialTransformer",
+    "TextEncoder",
+    "TextTransformerBlock",
+    "TimestepEmbedding",
+    "UNet",
+    "UpBlock",
+    "Upsample",
+    "attention",
+    "attention_levels_for",
+    "cpu_has_fast_low_precision",
+    "explicit_attention",
+    "norm_groups",
+    "timestep_embedding",
+    "timesteps_as_batch",
+]

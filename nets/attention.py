@@ -1,0 +1,247 @@
+"""Attention for the UNet (Vaswani et al. 2017; latent diffusion, Rombach et al. 2022).
+
+`attention()` is softmax(Q K^T / sqrt(d)) V on top of
+`torch.nn.functional.scaled_dot_product_attention` (SDPA), with two knobs every attention
+module here carries as attributes (the UNet sets them on all of them at once):
+
+- `slice_size`: compute attention for `slice_size` queries at a time (attention slicing), so
+  the (N, M) weight matrix is never held for all N queries; rows are independent, so the
+  result is the same as unsliced. "auto" means two slices.
+- `backend`: which SDPA kernel to use. None lets PyTorch choose; "math", "flash" and
+  "efficient" restrict it (see ATTENTION_BACKENDS); "explicit" is the written-out
+  softmax(Q K^T / sqrt(d)) V, the reference the tests and the FLOP count compare against.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .blocks import Dropout, Normalize
+
+# "efficient" is what `enable_xformers_memory_efficient_attention` selects: PyTorch's
+# memory-efficient kernel where it exists (CUDA) and the fused flash kernel otherwise (the
+# CPU's memory-efficient SDPA kernel); neither materialises the (N, M) weight matrix.
+ATTENTION_BACKENDS = {
+    None: None,
+    "math": [SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION],
+    "explicit": None,
+}
+AUTO_SLICES = 2  # slice_size="auto" splits the queries in this many slices
+FF_MULT = 4  # feed-forward hidden width / model width (Vaswani et al. 2017)
+
+
+def check_backend(backend):
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend={backend!r} is not one of "
+                         f"{list(ATTENTION_BACKENDS)}")
+    return backend
+
+
+def check_slice_size(slice_size):
+    if slice_size is None or slice_size == "auto":
+        return slice_size
+    if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+        raise ValueError(f"slice_size={slice_size!r} must be None, 'auto' or a positive int "
+                         "(queries per slice)")
+    return slice_size
+
+
+def explicit_attention(q, k, v, attn_mask=None):
+    """softmax(Q K^T / sqrt(d)) V written out (Vaswani et al. 2017, eq. 1).
+
+    q: (B, h, N, d), k: (B, h, M, d), v: (B, h, M, d_v), attn_mask: bool broadcastable to
+    (B, h, N, M), True = attend. Returns (B, h, N, d_v).
+    """
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N, M)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, h, N, d_v)
+
+
+def attention(q, k, v, key_padding_mask=None, slice_size=None, backend=None):
+    """softmax(Q K^T / sqrt(d)) V through SDPA, with optional slicing and kernel choice.
+
+    q: (B, h, N, d), k: (B, h, M, d), v: (B, h, M, d_v); key_padding_mask: (B, M) bool,
+    True for real tokens (False keys get zero weight). Returns (B, h, N, d_v).
+    """
+    attn_mask = None
+    if key_padding_mask is not None:
+        attn_mask = rearrange(key_padding_mask, "b m -> b 1 1 m")
+
+    def one(q_part):
+        if backend == "explicit":
+            return explicit_attention(q_part, k, v, attn_mask)
+        kernels = ATTENTION_BACKENDS[backend]
+        if kernels is None:
+            return F.scaled_dot_product_attention(q_part, k, v, attn_mask=attn_mask)
+        with sdpa_kernel(kernels):
+            return F.scaled_dot_product_attention(q_part, k, v, attn_mask=attn_mask)
+
+    n = q.shape[2]
+    if slice_size == "auto":
+        slice_size = -(-n // AUTO_SLICES)
+    if slice_size is None or slice_size >= n:
+        return one(q)
+    return torch.cat([one(q[:, :, i:i + slice_size]) for i in range(0, n, slice_size)], dim=2)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention (Vaswani et al. 2017) as in latent diffusion (Rombach et al. 2022).
+
+    Queries come from `x`; keys and values from `context` (cross-attention, when built with
+    `context_dim`) or from `x` itself (self-attention, `context_dim=None`). The Q, K, V
+    projections are fused into one matmul (`to_qkv`, or `to_q` + `to_kv` for cross-attention).
+
+    x: (B, N, query_dim), context: (B, M, context_dim), key_padding_mask: (B, M) bool with
+    True for real tokens. Returns (B, N, query_dim).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
+                 dim_head: int = 64, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.context_dim = context_dim
+        if context_dim is None:
+            self.to_qkv = nn.Linear(query_dim, 3 * inner_dim, bias=False)
+        else:
+            self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), Dropout(dropout))
+        self.slice_size = None
+        self.backend = None
+
+    @property
+    def is_cross_attention(self) -> bool:
+        return self.context_dim is not None
+
+    def forward(self, x, context=None, key_padding_mask=None):
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("context was passed to a self-attention layer (built with "
+                                 "context_dim=None); it takes x only")
+            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d",
+                                three=3, h=self.heads)
+        else:
+            if context is None:
+                raise ValueError(f"cross-attention needs context (B, M, {self.context_dim}); "
+                                 "got None")
+            if context.shape[-1] != self.context_dim:
+                raise ValueError(f"context width must be context_dim={self.context_dim}; got "
+                                 f"context of shape {tuple(context.shape)}")
+            q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+            k, v = rearrange(self.to_kv(context), "b m (two h d) -> two b h m d",
+                             two=2, h=self.heads)
+        out = attention(q, k, v, key_padding_mask, self.slice_size, self.backend)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): a * GELU(g), with [a, g] from one matmul.
+
+    x: (..., dim_in) -> (..., dim_out).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)  # each (..., dim_out)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: GEGLU (`glu=True`, latent diffusion) or Linear-GELU, then
+    dropout and Linear back. x: (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, mult: int = FF_MULT, glu: bool = True, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim * mult
+        project_in = (GEGLU(dim, inner_dim) if glu
+                      else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU()))
+        self.net = nn.Sequential(project_in, Dropout(dropout), nn.Linear(inner_dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block of latent diffusion (Rombach et al. 2022):
+    x += attn1(LN(x));  x += attn2(LN(x), context);  x += ff(LN(x)).
+
+    Without `context_dim` the cross-attention is left out. x: (B, N, dim),
+    context: (B, M, context_dim), key_padding_mask: (B, M) bool. Returns (B, N, dim).
+    """
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0,
+                 context_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout)
+        else:
+            self.norm2 = self.attn2 = None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, glu=True, dropout=dropout)
+
+    def forward(self, x, context=None, key_padding_mask=None):
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context, key_padding_mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map (Rombach et al. 2022): GroupNorm,
+    linear projection in, `depth` BasicTransformerBlocks, linear projection out, residual.
+
+    x: (B, C, H, W), context: (B, M, context_dim), key_padding_mask: (B, M) bool.
+    Returns (B, C, H, W). Works in either memory format; channels_last makes the
+    (B, C, H, W) <-> (B, HW, C) rearranges free.
+    """
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
+                 dropout: float = 0.0, context_dim: int | None = None):
+        super().__init__()
+        inner_dim = n_heads * d_head
+        self.norm = Normalize(in_channels)
+        self.proj_in = nn.Linear(in_channels, inner_dim)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim)
+            for _ in range(depth))
+        self.proj_out = nn.Linear(inner_dim, in_channels)  # zero-initialised
+
+    def forward(self, x, context=None, key_padding_mask=None):
+        h, w = x.shape[-2:]
+        hidden = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        hidden = self.proj_in(hidden)  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context, key_padding_mask)
+        hidden = self.proj_out(hidden)  # (B, HW, C)
+        return x + rearrange(hidden, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class AttentionBlock(nn.Module):
+    """Plain self-attention over the pixels of a feature map, no text (guided-diffusion):
+    x + proj_out(attn(GroupNorm(x))). x: (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.attn = CrossAttention(channels, None, num_heads, channels // num_heads)
+        # attn.to_out is the block's output projection, zero-initialised
+
+    def forward(self, x, context=None, key_padding_mask=None):
+        h, w = x.shape[-2:]
+        hidden = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        hidden = self.attn(hidden)  # (B, HW, C)
+        return x + rearrange(hidden, "b (h w) c -> b c h w", h=h, w=w)

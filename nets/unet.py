@@ -1,0 +1,473 @@
+"""The UNet (Ronneberger et al. 2015) of DDPM / guided-diffusion / latent diffusion, and
+`AdvancedUNet`, the guide's wrapper around it.
+
+Layout, for channel_mult of length L (level i works at sample_size / 2**i pixels):
+  conv_in -> down_blocks[0..L-1] -> mid_block -> up_blocks[0..L-1] -> GroupNorm-SiLU-conv_out
+- down_blocks[i]: num_res_blocks x (ResBlock [+ attention]), then a Downsample (not on the
+  last level). Every output is kept as a skip connection (as is conv_in's).
+- mid_block: ResBlock, attention, ResBlock (attention always, whatever the levels).
+- up_blocks[j] works on level L-1-j: (num_res_blocks + 1) x (ResBlock on [h, skip]
+  [+ attention]), then an Upsample (not on the last block).
+"Attention" is a SpatialTransformer (self- and cross-attention to the text states) when
+use_spatial_transformer, else a plain self-attention AttentionBlock that takes no text.
+
+Attention placement: `attention_resolutions` are feature-map sizes for an input of
+`sample_size` (DESIGN.md); they are turned into level indices once, at construction
+(level i has size sample_size // 2**i). The model then applies attention at those same
+levels for any input size, so a model built for 64x64 runs at 32x32 or 64x96 with the same
+weights and the same layout.
+"""
+
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import (
+    AttentionBlock,
+    CrossAttention,
+    SpatialTransformer,
+    check_backend,
+    check_slice_size,
+)
+from .blocks import Downsample, Normalize, ResBlock, Upsample
+from .embeddings import TimestepEmbedding, timesteps_as_batch
+
+TIME_EMBED_MULT = 4  # timestep-embedding width / model_channels (guided-diffusion)
+
+
+def cpu_has_fast_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs `dtype` (bf16/fp16) convolutions and matmuls natively (oneDNN with
+    AVX512-BF16/AMX or AVX512-FP16). Without it they are emulated: on the AVX2 CPUs this
+    project is benchmarked on, a bf16 3x3 conv is ~4-80x and a bf16 matmul ~100x slower than
+    fp32."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def attention_levels_for(attention_resolutions, sample_size: int, num_levels: int
+                         ) -> tuple[int, ...]:
+    """Level indices whose feature-map size (sample_size // 2**level) is listed in
+    `attention_resolutions`. Entries that match no level are reported with one warning."""
+    if sample_size % 2 ** (num_levels - 1):
+        raise ValueError(
+            f"sample_size={sample_size} must be divisible by the total downsampling "
+            f"{2 ** (num_levels - 1)} of {num_levels} levels (len(channel_mult))")
+    sizes = [sample_size // 2 ** level for level in range(num_levels)]
+    unmatched = sorted(set(attention_resolutions) - set(sizes))
+    if unmatched:
+        warnings.warn(
+            f"attention_resolutions entries {unmatched} match no level: the feature-map sizes "
+            f"for sample_size={sample_size} are {sizes}; those entries are ignored (the mid "
+            f"block always has attention)", stacklevel=3)
+    return tuple(level for level, size in enumerate(sizes) if size in attention_resolutions)
+
+
+class _Checkpointed(nn.Module):
+    """Runs its sub-modules through torch.utils.checkpoint when `gradient_checkpointing` is set
+    and autograd is recording (non-reentrant; dropout RNG state is replayed)."""
+
+    gradient_checkpointing = False
+
+    def _call(self, module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+
+class DownBlock(_Checkpointed):
+    """One encoder level: resnets[k] then attentions[k] (if any) for each k, then downsample.
+
+    forward(x: (B, C_in, H, W), emb, context, mask) -> (h, skips), h: (B, C, H/2, W/2) (or
+    (B, C, H, W) without downsample); skips holds every intermediate output.
+    """
+
+    def __init__(self, resnets, attentions, downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)  # empty: no attention at this level
+        self.downsample = downsample
+
+    def forward(self, x, emb, context=None, key_padding_mask=None):
+        skips = []
+        for k, resnet in enumerate(self.resnets):
+            x = self._call(resnet, x, emb)
+            if self.attentions:
+                x = self._call(self.attentions[k], x, context, key_padding_mask)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self._call(self.downsample, x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(_Checkpointed):
+    """ResBlock, attention, ResBlock at the lowest resolution. x: (B, C, h, w) -> same."""
+
+    def __init__(self, resnet_1, attention, resnet_2):
+        super().__init__()
+        self.resnets = nn.ModuleList([resnet_1, resnet_2])
+        self.attention = attention
+
+    def forward(self, x, emb, context=None, key_padding_mask=None):
+        x = self._call(self.resnets[0], x, emb)
+        x = self._call(self.attention, x, context, key_padding_mask)
+        return self._call(self.resnets[1], x, emb)
+
+
+class UpBlock(_Checkpointed):
+    """One decoder level: for each k, resnets[k] on [h, skip] concatenated along channels,
+    then attentions[k] (if any); then upsample. Consumes len(resnets) skips, last first."""
+
+    def __init__(self, resnets, attentions, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.upsample = upsample
+
+    def forward(self, x, skips, emb, context=None, key_padding_mask=None):
+        for k, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            x = self._call(resnet, x, emb)
+            if self.attentions:
+                x = self._call(self.attentions[k], x, context, key_padding_mask)
+        if self.upsample is not None:
+            x = self._call(self.upsample, x)
+        return x
+
+
+class UNet(nn.Module):
+    """Timestep- and text-conditioned UNet; see the module docstring for the layout.
+
+    forward(sample: (B, in_channels, H, W), timestep: int | 0-d | (B,) tensor,
+            context: (B, M, context_dim) | None, key_padding_mask: (B, M) bool | None)
+      -> (B, out_channels, H, W). H and W must be divisible by 2**(L-1).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, model_channels: int = 128,
+                 num_res_blocks: int = 2, attention_levels=(), dropout: float = 0.0,
+                 channel_mult=(1, 2, 4, 8), num_heads: int = 8,
+                 use_spatial_transformer: bool = True, transformer_depth: int = 1,
+                 context_dim: int | None = 768, use_scale_shift_norm: bool = True):
+        super().__init__()
+        num_levels = len(channel_mult)
+        widths = [model_channels * m for m in channel_mult]
+        for width in widths:
+            if width % num_heads:
+                raise ValueError(f"num_heads={num_heads} must divide every level's channels "
+                                 f"model_channels * channel_mult = {widths}")
+        bad_levels = [lv for lv in attention_levels if not 0 <= lv < num_levels]
+        if bad_levels:
+            raise ValueError(f"attention_levels={tuple(attention_levels)} must be level "
+                             f"indices in 0..{num_levels - 1}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_levels = num_levels
+        self.attention_levels = tuple(sorted(set(attention_levels)))
+        self.context_dim = context_dim if use_spatial_transformer else None
+        emb_dim = TIME_EMBED_MULT * model_channels
+
+        def res(c_in, c_out):
+            return ResBlock(c_in, emb_dim, c_out, dropout, use_scale_shift_norm)
+
+        def attn(channels):
+            if use_spatial_transformer:
+                return SpatialTransformer(channels, num_heads, channels // num_heads,
+                                          transformer_depth, dropout, context_dim)
+            return AttentionBlock(channels, num_heads)
+
+        self.time_embedding = TimestepEmbedding(model_channels, emb_dim)
+        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+
+        skip_widths = [model_channels]
+        ch = model_channels
+        self.down_blocks = nn.ModuleList()
+        for level, width in enumerate(widths):
+            resnets, attentions = [], []
+            for _ in range(num_res_blocks):
+                resnets.append(res(ch, width))
+                ch = width
+                if level in self.attention_levels:
+                    attentions.append(attn(ch))
+                skip_widths.append(ch)
+            downsample = None
+            if level < num_levels - 1:
+                downsample = Downsample(ch)
+                skip_widths.append(ch)
+            self.down_blocks.append(DownBlock(resnets, attentions, downsample))
+
+        self.mid_block = MidBlock(res(ch, ch), attn(ch), res(ch, ch))
+
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(num_levels)):
+            width = widths[level]
+            resnets, attentions = [], []
+            for _ in range(num_res_blocks + 1):
+                resnets.append(res(ch + skip_widths.pop(), width))
+                ch = width
+                if level in self.attention_levels:
+                    attentions.append(attn(ch))
+            upsample = Upsample(ch) if level > 0 else None
+            self.up_blocks.append(UpBlock(resnets, attentions, upsample))
+
+        self.norm_out = Normalize(ch)
+        self.act_out = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)  # zero-initialised
+
+    @classmethod
+    def from_config(cls, config) -> "UNet":
+        """Build from a DiffusionConfig-like object (read by attribute)."""
+        levels = attention_levels_for(config.attention_resolutions, config.sample_size,
+                                      len(config.channel_mult))
+        return cls(
+            in_channels=config.in_channels, out_channels=config.out_channels,
+            model_channels=config.model_channels, num_res_blocks=config.num_res_blocks,
+            attention_levels=levels, dropout=config.dropout,
+            channel_mult=tuple(config.channel_mult), num_heads=config.num_heads,
+            use_spatial_transformer=config.use_spatial_transformer,
+            transformer_depth=config.transformer_depth, context_dim=config.context_dim,
+            use_scale_shift_norm=config.use_scale_shift_norm)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Total downsampling 2**(L-1): H and W of the input must be multiples of it."""
+        return 2 ** (self.num_levels - 1)
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return self.context_dim is not None
+
+    # ---- toggles ----
+    def _level_blocks(self):
+        return [*self.down_blocks, self.mid_block, *self.up_blocks]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each ResBlock / attention / resampler in the backward pass instead of
+        storing its activations (torch.utils.checkpoint, non-reentrant)."""
+        for block in self._level_blocks():
+            block.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        for block in self._level_blocks():
+            block.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(block.gradient_checkpointing for block in self._level_blocks())
+
+    def _attention_layers(self):
+        return [m for m in self.modules() if isinstance(m, CrossAttention)]
+
+    def set_attention_slice(self, slice_size) -> None:
+        """Attention slicing: None (off), 'auto' (two slices) or queries per slice."""
+        slice_size = check_slice_size(slice_size)
+        for layer in self._attention_layers():
+            layer.slice_size = slice_size
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        self.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        self.set_attention_slice(None)
+
+    def set_attention_backend(self, backend) -> None:
+        """SDPA kernel choice for every attention layer: None (PyTorch picks), 'math',
+        'flash', 'efficient' or 'explicit' (see nets.attention.ATTENTION_BACKENDS)."""
+        backend = check_backend(backend)
+        for layer in self._attention_layers():
+            layer.backend = backend
+
+    def enable_xformers_memory_efficient_attention(self) -> None:
+        """xformers is not a dependency: this selects PyTorch's memory-efficient SDPA kernel
+        (the fused flash kernel on CPU)."""
+        self.set_attention_backend("efficient")
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        self.set_attention_backend(None)
+
+    # ---- forward ----
+    def _check_inputs(self, sample, context, key_padding_mask):
+        """Validate the inputs; return key_padding_mask as bool, or None when all real."""
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a (B, C, H, W) tensor; got "
+                            f"{type(sample).__name__}")
+        if sample.dim() != 4 or sample.shape[1] != self.in_channels:
+            raise ValueError(f"sample must have shape (B, in_channels={self.in_channels}, H, W);"
+                             f" got {tuple(sample.shape)}")
+        if not sample.is_floating_point():
+            raise TypeError(f"sample must be a float tensor; got dtype {sample.dtype}")
+        factor = self.downsampling_factor
+        if sample.shape[-2] % factor or sample.shape[-1] % factor:
+            raise ValueError(
+                f"sample height and width must be divisible by the total downsampling "
+                f"{factor} (2**(len(channel_mult)-1)); got H, W = {tuple(sample.shape[-2:])}")
+        batch = sample.shape[0]
+        if not self.has_cross_attention:
+            if context is not None or key_padding_mask is not None:
+                raise ValueError(
+                    "encoder_hidden_states/encoder_attention_mask were passed to a model built "
+                    "without cross-attention (use_spatial_transformer=False); pass None")
+            return None
+        if context is None:
+            raise ValueError(
+                f"encoder_hidden_states is required by a model with cross-attention "
+                f"(use_spatial_transformer=True): a (B, M, context_dim={self.context_dim}) "
+                f"tensor; got None. For unconditional inputs pass the encoding of the empty "
+                f"prompt ''")
+        if (not isinstance(context, torch.Tensor) or context.dim() != 3
+                or context.shape[-1] != self.context_dim):
+            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else context
+            raise ValueError(f"encoder_hidden_states must have shape (B, M, context_dim="
+                             f"{self.context_dim}); got {shape}")
+        if context.shape[0] != batch:
+            raise ValueError(f"encoder_hidden_states batch must equal the sample's batch "
+                             f"{batch}; got {context.shape[0]} (shape {tuple(context.shape)})")
+        if key_padding_mask is None:
+            return None
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.shape != (
+                batch, context.shape[1]):
+            shape = (tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor)
+                     else key_padding_mask)
+            raise ValueError(f"encoder_attention_mask must have shape (B, M)=({batch}, "
+                             f"{context.shape[1]}); got {shape}")
+        if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+            raise TypeError(f"encoder_attention_mask must be bool (True = real token) or 0/1 "
+                            f"integers; got dtype {key_padding_mask.dtype}")
+        key_padding_mask = key_padding_mask.bool()
+        real = key_padding_mask.sum(dim=1)  # (B,)
+        if bool((real == 0).any()):
+            raise ValueError("encoder_attention_mask has a row with no real token (all False);"
+                             " every prompt keeps at least BOS and EOS")
+        if bool((real == key_padding_mask.shape[1]).all()):
+            return None  # nothing to mask: lets SDPA take its unmasked fast path
+        return key_padding_mask
+
+    # Under CPU autocast to a dtype this CPU cannot run natively, compute in fp32 instead (with
+    # one warning): same numbers as fp32, never the 4-100x slowdown. Set to False to force
+    # the emulated low-precision path (the tests do, to check it).
+    fp32_when_cpu_autocast_is_slow = True
+
+    def forward(self, sample, timestep, context=None, key_padding_mask=None):
+        if (self.fp32_when_cpu_autocast_is_slow and isinstance(sample, torch.Tensor)
+                and sample.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu")
+                and not cpu_has_fast_low_precision(torch.get_autocast_dtype("cpu"))):
+            warnings.warn(
+                f"autocast to {torch.get_autocast_dtype('cpu')} is emulated on this CPU (no "
+                "native support in oneDNN) and would be several times slower than fp32; the "
+                "UNet runs in fp32 instead (UNet.fp32_when_cpu_autocast_is_slow)", stacklevel=2)
+            with torch.autocast("cpu", enabled=False):
+                return self._forward(sample.float(), timestep,
+                                     None if context is None else context.float(),
+                                     key_padding_mask)
+        return self._forward(sample, timestep, context, key_padding_mask)
+
+    def _forward(self, sample, timestep, context, key_padding_mask):
+        """forward() without the autocast check; same arguments and result."""
+        key_padding_mask = self._check_inputs(sample, context, key_padding_mask)
+        timesteps = timesteps_as_batch(timestep, sample.shape[0], sample.device)
+        emb = self.time_embedding(timesteps)  # (B, 4 * model_channels)
+
+        h = self.conv_in(sample)  # (B, model_channels, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, context, key_padding_mask)
+            skips.extend(block_skips)
+        h = self.mid_block(h, emb, context, key_padding_mask)
+        for block in self.up_blocks:
+            h = block(h, skips, emb, context, key_padding_mask)
+        return self.conv_out(self.act_out(self.norm_out(h)))  # (B, out_channels, H, W)
+
+
+class AdvancedUNet(nn.Module):
+    """The guide's model: `AdvancedUNet(config)(sample, timestep, encoder_hidden_states)`
+    returns {"sample": (B, out_channels, H, W)}; the network itself is `.unet`.
+
+    The config is applied at construction: `gradient_checkpointing` enables checkpointing
+    (it only acts while autograd records, so inference is unaffected; the guide's explicit
+    `model.unet.enable_gradient_checkpointing()` is then a harmless repeat),
+    `use_attention_slicing` turns slicing on ("auto"), `use_xformers` selects the
+    memory-efficient SDPA kernel, and `compile` compiles `.unet` in place
+    (`nn.Module.compile`, so state_dict keys are unchanged).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # Built on the meta device (no memory, no default init), then allocated once:
+        # _init_weights() is the only place weights get values, and the ~400M parameters of
+        # the guide's default are not randomly initialised twice.
+        with torch.device("meta"):
+            self.unet = UNet.from_config(config)
+        self.unet.to_empty(device=torch.get_default_device())
+        self._init_weights()
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if config.use_attention_slicing:
+            self.unet.enable_attention_slicing()
+        if config.use_xformers:
+            self.unet.enable_xformers_memory_efficient_attention()
+        if config.compile:
+            self.unet.compile()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """The one place weights are set (the guide's "Weight Initialization").
+
+        Linear: Xavier-uniform; Conv2d: Kaiming-normal (fan-in, ReLU gain); biases zero;
+        GroupNorm/LayerNorm: weight 1, bias 0. Then the last layer of every residual branch
+        (ResBlock.conv2, SpatialTransformer.proj_out, AttentionBlock's output projection) and
+        the output conv are zeroed.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"_init_weights does not know how to initialise "
+                                f"{type(module).__name__}; add a rule for it here")
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            # Zero residual branches start every block as the identity, so the signal's scale
+            # does not grow with depth and early training is stable (Goyal et al. 2017;
+            # guided-diffusion's zero_module; Rombach et al. 2022's proj_out).
+            if isinstance(module, ResBlock):
+                nn.init.zeros_(module.conv2.weight)
+            elif isinstance(module, SpatialTransformer):
+                nn.init.zeros_(module.proj_out.weight)
+            elif isinstance(module, AttentionBlock):
+                nn.init.zeros_(module.attn.to_out[0].weight)
+        # A zero output conv makes the untrained model predict 0, the mean of the noise
+        # (and velocity) targets, so the first loss is the target's variance, not a blow-up.
+        nn.init.zeros_(self.unet.conv_out.weight)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None,
+                encoder_attention_mask=None) -> dict:
+        """sample: (B, in_channels, H, W); timestep: int, 0-d or (B,) tensor;
+        encoder_hidden_states: (B, M, context_dim); encoder_attention_mask: (B, M) bool,
+        True for real tokens. Returns {"sample": (B, out_channels, H, W)}."""
+        out = self.unet(sample, timestep, encoder_hidden_states, encoder_attention_mask)
+        return {"sample": out}
+
+    # Convenience: the toggles live on `.unet`; these forward to it.
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.unet.disable_gradient_checkpointing()
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        self.unet.enable_attention_slicing(slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        self.unet.disable_attention_slicing()
+
+    def enable_xformers_memory_efficient_attention(self) -> None:
+        self.unet.enable_xformers_memory_efficient_attention()
