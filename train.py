@@ -1,11 +1,220 @@
-"""`python train.py --config cfg.yaml`: not available yet.
+"""Train a text-conditioned diffusion model.
 
-The trainer (AdvancedDiffusionTrainer, data, checkpoints) is the training issue's work; until
-it lands this script says so instead of pretending. See README.md.
+    python train.py --config configs/shapes.yaml [--set key=value ...] [--resume auto|PATH]
+                    [--max-steps N]
+    torchrun --nproc_per_node=N train.py --config ...   (DistributedDataParallel; batch_size is
+                                                         per process, the global batch is N x it)
+
+Everything goes under config.output_dir: config.yaml (the resolved config), metrics.jsonl,
+checkpoints/ and last.pt, samples/step_XXXXXXXX.png. Ctrl-C or SIGTERM saves a checkpoint and
+exits 0. Parsing, composition, progress and files only: the math lives in the packages.
 """
 
+import argparse
+import json
+import os
+import signal
 import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from diffusion import DiffusionConfig, parse_overrides
+from diffusion.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint_file,
+    save_run_checkpoint,
+)
+from diffusion.data import all_captions, build_dataset, collate
+from diffusion.trainer import AdvancedDiffusionTrainer, GlobalBatchSampler
+from nets import AdvancedUNet
+from sampling import AdvancedDiffusionPipeline, make_grid
+
+SAMPLE_CAPTION_STRIDE = 3  # every third caption: a mix of colours and shapes
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file of DiffusionConfig fields")
+    parser.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                        help="override config fields (YAML values); may be repeated")
+    parser.add_argument("--resume", help="'auto' (newest loadable checkpoint in output_dir) "
+                                         "or a checkpoint path")
+    parser.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=N")
+    return parser.parse_args(argv)
+
+
+def load_config(args) -> DiffusionConfig:
+    overrides = parse_overrides([pair for group in args.set for pair in group])
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    return DiffusionConfig.from_yaml(args.config).with_overrides(overrides)
+
+
+def setup_distributed():
+    """(rank, world_size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves and exits."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+
+def resume_state(args, run_dir: Path):
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        found = find_resumable(run_dir)
+        if found is None:
+            print(f"no loadable checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+            return None
+        print(f"resuming from {found[0]}", file=sys.stderr)
+        return found[1]
+    return load_checkpoint_file(args.resume)
+
+
+def save_samples(trainer, config, run_dir: Path, step: int, prompts):
+    """A grid of the EMA model's images for fixed prompts and seeds 0..n-1."""
+    with trainer.ema_weights():
+        pipeline = AdvancedDiffusionPipeline(config, trainer.model, trainer.text_encoder,
+                                             trainer.noise_scheduler, device=trainer.device)
+        images = pipeline.generate(prompts, list(range(len(prompts))),
+                                   num_inference_steps=config.num_inference_steps,
+                                   guidance_scale=config.guidance_scale)
+    trainer.denoiser.train()  # the pipeline put the modules in eval mode
+    path = run_dir / "samples" / f"step_{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, prompts).save(path)
+
+
+def open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed: metrics go to metrics.jsonl only "
+              "(pip install tensorboard to get event files)", file=sys.stderr)
+        return None
+    return SummaryWriter(run_dir / "tensorboard")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        config = load_config(args)
+    except (ValueError, TypeError, OSError) as err:  # bad config or --set: say it, no traceback
+        sys.exit(f"train.py: {err}")
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    run_dir = Path(config.output_dir)
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    model = AdvancedUNet(config)
+    trainer = AdvancedDiffusionTrainer(model, config, device=device, distributed=world > 1)
+    dataset = build_dataset(config)
+    batches = GlobalBatchSampler(len(dataset), config.batch_size, world_size=world, rank=rank,
+                                 seed=config.seed)
+    # A private generator keeps the DataLoader from drawing on the global RNG (dropout's).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                         num_workers=config.num_workers,
+                                         generator=torch.Generator())
+    epoch, batch_in_epoch = 0, 0
+    try:
+        state = resume_state(args, run_dir)
+    except CheckpointError as err:
+        sys.exit(f"train.py: {err}")
+    if state is not None:
+        position = trainer.load_state_dict(state)
+        epoch, batch_in_epoch = position.get("epoch", 0), position.get("batch", 0)
+    prompts = list(config.sample_prompts) or all_captions()[::SAMPLE_CAPTION_STRIDE]
+    writer, metrics_file = None, None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(run_dir / "config.yaml")
+        metrics_file = open(run_dir / "metrics.jsonl", "a")
+        writer = open_tensorboard(run_dir)
+        print(f"global batch {config.batch_size * world * config.gradient_accumulation_steps} "
+              f"= batch_size {config.batch_size} x {world} processes x "
+              f"{config.gradient_accumulation_steps} accumulation steps", file=sys.stderr)
+
+    def checkpoint():
+        if is_main:
+            save_run_checkpoint(trainer.state_dict({"epoch": epoch, "batch": batch_in_epoch}),
+                                run_dir, trainer.global_step, config.keep_last)
+
+    stop = StopFlag()
+    bar = tqdm(total=config.max_steps, initial=trainer.global_step, disable=not is_main,
+               dynamic_ncols=True)
+    last_time, last_step = time.perf_counter(), trainer.global_step
+    while trainer.global_step < config.max_steps and stop.signal is None:
+        batches.set_position(epoch, batch_in_epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        for batch in loader:
+            metrics = trainer.train_step(batch)
+            batch_in_epoch += 1
+            step = trainer.global_step
+            if metrics["updated"]:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+            if metrics["updated"] and step % config.log_every == 0 and is_main:
+                now = time.perf_counter()
+                its = (step - last_step) / (now - last_time)
+                line = {"step": step, "loss": metrics["loss"], "lr": metrics["learning_rate"],
+                        "grad_norm": metrics["grad_norm"], "it_s": its,
+                        "images_s": its * config.batch_size * world *
+                        config.gradient_accumulation_steps,
+                        "skipped_steps": metrics["skipped_steps"]}
+                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.flush()
+                if writer:
+                    for key in ("loss", "lr", "grad_norm", "it_s"):
+                        writer.add_scalar(f"train/{key}", line[key], step)
+                last_time, last_step = now, step
+            if metrics["updated"] and step % config.save_every == 0:
+                checkpoint()
+            if metrics["updated"] and step % config.sample_every == 0 and is_main:
+                save_samples(trainer, config, run_dir, step, prompts)
+            if world > 1:  # every rank must stop at the same step, or DDP would hang
+                flag = torch.tensor([0 if stop.signal is None else stop.signal])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop.signal = int(flag) or None
+            if step >= config.max_steps or stop.signal is not None:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    if trainer.global_step % config.save_every != 0 or stop.signal is not None:
+        checkpoint()
+    if stop.signal is not None and is_main:
+        print(f"stopped by signal {stop.signal} at step {trainer.global_step}; checkpoint saved",
+              file=sys.stderr)
+    if metrics_file:
+        metrics_file.close()
+    if writer:
+        writer.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit("train.py: training is not implemented yet (the training issue); "
-             "`python -m diffusion` runs the scheduler demo meanwhile")
+    sys.exit(main())

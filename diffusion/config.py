@@ -165,6 +165,9 @@ class DiffusionConfig:
                                  low=0.0)
     huber_c: float = _field(0.001, "c of the pseudo-Huber loss.", low=0.0, low_inclusive=False)
     ema_warmup: bool = _field(True, "EMA decay min(ema_decay, (1+n)/(10+n)) after n updates.")
+    ema_on_cpu: bool = _field(False, "Keep the EMA weights on the CPU (saves accelerator memory).")
+    max_nonfinite_steps: int = _field(
+        10, "Consecutive steps with a NaN/Inf loss or gradient before training stops.", low=1)
     seed: int = _field(0, "Seed for weights, data order and noise.", low=0)
     # ---- data (ours) ----
     dataset: str = _field("shapes", "Training data.", choices=DATASETS)

@@ -218,9 +218,12 @@ class AdvancedScheduler:
              generator: torch.Generator | None = None) -> SchedulerOutput:
         """One reverse step from `timestep` to the next entry of `self.timesteps`.
 
-        model_output, sample: (B, C, H, W); timestep: an int or one-element tensor from
+        model_output: (B, C, H, W), or the model's {"sample": tensor} as the guide passes it;
+        sample: (B, C, H, W); timestep: an int or one-element tensor from
         `self.timesteps`; eta: DDIM noise scale (default config.eta; DDPM ignores it).
         """
+        if isinstance(model_output, dict):  # the guide passes AdvancedUNet's {"sample": ...}
+            model_output = model_output["sample"]
         t = self._check_in_list(timestep)
         t_prev = self._next[t]
         dtype = sample.dtype

@@ -112,6 +112,10 @@ def test_guide_step_before_set_timesteps():
     result = sched.step(torch.randn(2, 3, 32, 32), 500, noisy)
     assert result.prev_sample.shape == (2, 3, 32, 32)
     assert sched.previous_timestep(500) == 499
+    # the guide's manual loop passes the model's {"sample": ...} dict straight to step
+    out = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(sched.step({"sample": out}, 500, noisy).prev_sample,
+                               sched.step(out, 500, noisy).prev_sample)
 
 
 # ---- DDIM ----

@@ -1,0 +1,431 @@
+"""AdvancedDiffusionTrainer: one optimizer step of text-conditioned diffusion training, plus the
+pieces it owns (AdamW parameter groups, LR schedules, mixed precision, EMA, checkpoints).
+
+A training step (Ho et al. 2020, Algorithm 1, with the guide's additions):
+  t ~ U{0..T-1}, eps ~ N(0, I) (+ offset noise), x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
+  prompts replaced by "" with probability cfg_dropout (classifier-free guidance training),
+  loss = mean_b w_b * loss_type(net(x_t, t, text), target_b), w = min-SNR-gamma weight,
+  then gradient accumulation, clipping at max_grad_norm, AdamW, LR schedule, EMA update.
+
+All training randomness (timesteps, noise, prompt dropout) comes from one torch.Generator
+seeded with config.seed and saved in checkpoints; under DistributedDataParallel every rank
+draws the numbers for the whole global batch and keeps its own slice, so N processes train
+exactly like one process with the same global batch.
+"""
+
+import math
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from losses import AdvancedLossFunctions, min_snr_weight, training_target
+from nets import TextEncoder
+
+from .checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    check_same_model,
+    config_from_checkpoint,
+    load_checkpoint_file,
+)
+from .config import LR_SCHEDULERS, DiffusionConfig
+from .ema import EMAModel
+from .scheduler import AdvancedScheduler
+
+# Modules whose weights get weight decay; everything else (biases, norm scales, embeddings,
+# free-standing parameters such as position embeddings) is exempt, whatever its name.
+DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Seed of the fixed timesteps/noise that make validation losses comparable across runs.
+VALIDATION_SEED = 1234
+# Images outside [-1 - tol, 1 + tol] are rejected: a [0, 255] or [0, 1] batch is a bug.
+IMAGE_RANGE_TOLERANCE = 1e-3
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after config.max_nonfinite_steps consecutive NaN/Inf steps."""
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay for Linear/Conv weights only (by module type, not by name)."""
+    decay, no_decay, seen = [], [], set()
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if isinstance(mod, DECAYED_MODULES) and name == "weight" else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(step: int, name: str, warmup: int, total: int) -> float:
+    if name != "constant" and warmup > 0 and step < warmup:
+        return step / warmup  # linear warm-up from 0
+    if name in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
+    if name == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine (Loshchilov & Hutter 2017)
+
+
+def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int = 0,
+                  num_training_steps: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """LR schedule by name: constant, constant_with_warmup, linear or cosine.
+
+    Warm-up rises linearly from 0 to the optimizer's lr over num_warmup_steps; linear and
+    cosine then decay to 0 at num_training_steps. Call `.step()` after each optimizer step.
+    """
+    if name not in LR_SCHEDULERS:
+        raise ValueError(f"lr scheduler name={name!r} is not one of {list(LR_SCHEDULERS)}")
+    for arg, value, low in (("num_warmup_steps", num_warmup_steps, 0),
+                            ("num_training_steps", num_training_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg}={value!r} must be an int >= {low}")
+    factor = partial(_lr_factor, name=name, warmup=num_warmup_steps, total=num_training_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(mixed_precision, device: torch.device) -> torch.dtype | None:
+    """None (full precision), torch.bfloat16 or torch.float16 for config.mixed_precision:
+    True means bf16 on the CPU and fp16 on CUDA."""
+    if mixed_precision in (False, "no"):
+        return None
+    if mixed_precision is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+class TextConditionedDenoiser(nn.Module):
+    """The UNet and the text encoder as one module, so one optimizer, one EMA and one
+    DistributedDataParallel wrapper cover both. forward returns the UNet's prediction."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, x_t, timesteps, input_ids, attention_mask):
+        context, mask = self.text_encoder(input_ids, attention_mask)  # (B, L, D), (B, L)
+        return self.unet(x_t, timesteps, context, mask)["sample"]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class AdvancedDiffusionTrainer:
+    """Owns the text encoder, optimizer, LR schedule, mixed precision, EMA and RNG state.
+
+    model: an AdvancedUNet (anything with its forward signature and `.unet`).
+    text_encoder: built from the config when None; trained jointly with the UNet.
+    distributed: wrap the models in DistributedDataParallel (torch.distributed must be
+    initialised, e.g. by torchrun); the config's batch_size is then per process.
+    """
+
+    def __init__(self, model: nn.Module, config: DiffusionConfig,
+                 text_encoder: nn.Module | None = None, *, device=None,
+                 distributed: bool = False):
+        if not isinstance(config, DiffusionConfig):
+            raise TypeError(f"config must be a DiffusionConfig; got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.device = torch.device(device) if device is not None else \
+            next(model.parameters()).device
+        self.model = model.to(self.device)
+        self.text_encoder = (text_encoder if text_encoder is not None
+                             else TextEncoder.from_config(config)).to(self.device)
+        self.tokenizer = self.text_encoder.tokenizer
+        self.denoiser = TextConditionedDenoiser(self.model, self.text_encoder)
+        if config.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()
+        self.rank, self.world_size = _world()
+        self.net = self.denoiser
+        if distributed:
+            if not dist.is_initialized():
+                raise RuntimeError("distributed=True needs torch.distributed initialised "
+                                   "(run under torchrun)")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.denoiser, device_ids=ids)
+        self.noise_scheduler = AdvancedScheduler(config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.denoiser, config.weight_decay),
+                                           lr=config.learning_rate)
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer,
+                                          config.lr_warmup_steps, config.max_steps)
+        self.amp_dtype = autocast_dtype(config.mixed_precision, self.device)
+        use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(self.denoiser, config.ema_decay, warmup=config.ema_warmup,
+                                device=torch.device("cpu") if config.ema_on_cpu else None)
+        self.global_step = 0          # optimizer updates made
+        self.skipped_steps = 0        # updates skipped for a NaN/Inf loss or gradient
+        self._consecutive_skips = 0
+        self._micro_step = 0
+        self._window_nonfinite = False
+
+    # ---- one step ----
+
+    def _check_batch(self, batch) -> tuple[torch.Tensor, list]:
+        if not isinstance(batch, dict) or "images" not in batch or "prompts" not in batch:
+            raise ValueError("batch must be a dict with 'images' (B, C, H, W) in [-1, 1] and "
+                             "'prompts' (list of B strings)")
+        images, prompts = batch["images"], batch["prompts"]
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        c = self.config.in_channels
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != c:
+            raise ValueError(f"batch['images'] must be a (B, {c}, H, W) tensor; got "
+                             f"{getattr(images, 'shape', type(images).__name__)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"batch has {images.shape[0]} images but {len(prompts)} prompts")
+        if not torch.isfinite(images).all():
+            raise ValueError("batch['images'] contains NaN or Inf")
+        lo, hi = images.min().item(), images.max().item()
+        if lo < -1 - IMAGE_RANGE_TOLERANCE or hi > 1 + IMAGE_RANGE_TOLERANCE:
+            raise ValueError(f"batch['images'] must lie in [-1, 1]; got values in "
+                             f"[{lo:.3g}, {hi:.3g}] (scale [0, 1] images with x * 2 - 1)")
+        return images, list(prompts)
+
+    def _global_draws(self, shape: torch.Size):
+        """Timesteps, noise and prompt-dropout mask for the whole global batch; this rank keeps
+        its interleaved slice (the data sampler gives it the same slice of the data)."""
+        B, world, rank, g = shape[0], self.world_size, self.rank, self.generator
+        G = B * world
+        t = torch.randint(0, self.config.num_train_timesteps, (G,), generator=g)
+        noise = torch.randn((G, *shape[1:]), generator=g)
+        if self.config.noise_offset > 0:  # offset noise (Guttenberg 2023): per-channel shift
+            noise = noise + self.config.noise_offset * torch.randn((G, shape[1], 1, 1),
+                                                                   generator=g)
+        drop = torch.rand(G, generator=g) < self.config.cfg_dropout
+        return t[rank::world], noise[rank::world], drop[rank::world]
+
+    def loss_per_sample(self, pred: torch.Tensor, target: torch.Tensor,
+                        timesteps: torch.Tensor) -> torch.Tensor:
+        """The configured loss per sample (B,), min-SNR-weighted when snr_gamma is set."""
+        cfg, L = self.config, AdvancedLossFunctions
+        if cfg.loss_type == "l2":
+            loss = L.l2_loss(pred, target, reduction="per_sample")
+        elif cfg.loss_type == "l1":
+            loss = L.l1_loss(pred, target, reduction="per_sample")
+        else:
+            loss = L.huber_loss(pred, target, c=cfg.huber_c, reduction="per_sample")
+        if cfg.snr_gamma is not None:
+            abar = self.noise_scheduler.alphas_cumprod_float64.to(loss.device)[timesteps]
+            loss = loss * min_snr_weight(abar / (1 - abar), cfg.snr_gamma,
+                                         cfg.prediction_type).to(loss.dtype)
+        return loss
+
+    def _forward_loss(self, images, prompts, timesteps, noise) -> torch.Tensor:
+        x_t = self.noise_scheduler.add_noise(images, timesteps, noise=noise)
+        abar = self.noise_scheduler.alpha_bar(timesteps, images)
+        target = training_target(self.config.prediction_type, images, noise, abar)
+        input_ids, mask = self.tokenizer(prompts)
+        with self.autocast():
+            pred = self.net(x_t, timesteps.to(self.device), input_ids.to(self.device),
+                            mask.to(self.device))
+        return self.loss_per_sample(pred.float(), target.float(), timesteps.to(self.device))
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batch: dict) -> dict:
+        """One micro-batch; an optimizer update every gradient_accumulation_steps calls.
+
+        batch: {"images": (B, C, H, W) in [-1, 1], "prompts": list of B str}.
+        Returns loss, learning_rate, grad_norm (nan between updates), step, updated,
+        skipped_steps.
+        """
+        images, prompts = self._check_batch(batch)
+        timesteps, noise, drop = self._global_draws(images.shape)
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        images = images.to(self.device, torch.float32)
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        accumulation = self.config.gradient_accumulation_steps
+        update_now = (self._micro_step + 1) % accumulation == 0
+        sync = self.net is self.denoiser or update_now
+        with nullcontext() if sync else self.net.no_sync():
+            loss = self._forward_loss(images, prompts, timesteps, noise).mean()
+            finite = self._all_ranks_finite(loss)
+            if finite:
+                scaled = loss / accumulation
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            else:
+                self._window_nonfinite = True
+        self._micro_step += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm, updated = float("nan"), False
+        if update_now:
+            grad_norm, updated = self._optimizer_step()
+        return {"loss": loss.item(), "learning_rate": lr, "grad_norm": grad_norm,
+                "step": self.global_step, "updated": updated,
+                "skipped_steps": self.skipped_steps}
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks must agree to skip a backward,
+        or DistributedDataParallel's gradient all-reduce would wait forever)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.net is not self.denoiser:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        cfg = self.config
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        nonfinite = self._window_nonfinite or (not math.isfinite(grad_norm) and not self.scaler)
+        self._window_nonfinite = False
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"the loss or gradient was NaN/Inf for {self._consecutive_skips} consecutive "
+                    f"steps (at step {self.global_step}); try a lower learning_rate (now "
+                    f"{cfg.learning_rate}), a smaller max_grad_norm, mixed_precision='no', and "
+                    "check the data for NaN or badly scaled images")
+            return grad_norm, False
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips by itself on fp16 overflow
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.denoiser)
+        self._consecutive_skips = 0
+        self.global_step += 1
+        return grad_norm, True
+
+    # ---- evaluation ----
+
+    def ema_weights(self):
+        """Context manager: the EMA weights inside, the trained weights (bitwise) after."""
+        return self.ema.average_parameters(self.denoiser) if self.ema else nullcontext()
+
+    @torch.no_grad()
+    def validate(self, dataloader, max_batches: int | None = None) -> dict:
+        """Mean loss over `dataloader` at fixed timesteps and noise (batch b uses seed
+        VALIDATION_SEED + b; timesteps evenly spread over [0, T-1]), so numbers compare across
+        runs and checkpoints. No prompt dropout. Returns {"val_loss", "num_batches"}."""
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        T, total, count, batches = self.config.num_train_timesteps, 0.0, 0, 0
+        try:
+            for b, batch in enumerate(dataloader):
+                if max_batches is not None and b >= max_batches:
+                    break
+                images, prompts = self._check_batch(batch)
+                g = torch.Generator().manual_seed(VALIDATION_SEED + b)
+                B = images.shape[0]
+                timesteps = torch.linspace(0, T - 1, B).round().long()
+                noise = torch.randn(images.shape, generator=g)
+                loss = self._forward_loss(images.to(self.device, torch.float32), prompts,
+                                          timesteps.to(self.device), noise.to(self.device))
+                total, count, batches = total + loss.sum().item(), count + B, batches + 1
+        finally:
+            self.denoiser.train(was_training)
+        if count == 0:
+            raise ValueError("validate() got an empty dataloader")
+        return {"val_loss": total / count, "num_batches": batches}
+
+    # ---- checkpoints ----
+
+    def state_dict(self, extra: dict | None = None) -> dict:
+        """Everything needed to resume bit-exactly: plain tensors, numbers, strings, dicts."""
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.global_step,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng,
+            "counters": {"skipped_steps": self.skipped_steps, "micro_step": self._micro_step},
+            "extra": extra or {},
+        }
+
+    def load_state_dict(self, state: dict) -> dict:
+        """Restore from `state_dict()` output; returns its `extra` (e.g. the data position)."""
+        check_same_model(config_from_checkpoint(state), self.config)
+        self.model.load_state_dict(state["model"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state["grad_scaler"] is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.global_step = int(state["step"])
+        self.skipped_steps = int(state["counters"]["skipped_steps"])
+        self._micro_step = int(state["counters"]["micro_step"])
+        return state.get("extra", {})
+
+    def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write one checkpoint file atomically (see diffusion/checkpoint.py)."""
+        return atomic_save({"format_version": FORMAT_VERSION, **self.state_dict(extra)}, path)
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Resume from a checkpoint file (weights_only load); returns its `extra`."""
+        return self.load_state_dict(load_checkpoint_file(path))
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Deterministic, resumable batches for one rank.
+
+    Epoch e shuffles the dataset with seed + e; global batch b is perm[b*G:(b+1)*G] with
+    G = batch_size * world_size, and rank r takes its interleaved slice [r::world_size] (the
+    trainer slices its noise the same way). The last incomplete global batch is dropped.
+    `set_position(epoch, batch)` resumes mid-epoch without replaying earlier batches.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        self.global_batch = batch_size * world_size
+        if dataset_len < self.global_batch:
+            raise ValueError(f"the dataset has {dataset_len} items, fewer than one global batch "
+                             f"of {self.global_batch} (batch_size {batch_size} x {world_size} "
+                             "processes)")
+        self.dataset_len, self.world_size, self.rank = dataset_len, world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.batches_per_epoch = dataset_len // self.global_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.epoch, self.start_batch = epoch, batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.dataset_len,
+                                   generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.dataset_len)
+        G = self.global_batch
+        for b in range(self.start_batch, self.batches_per_epoch):
+            yield order[b * G:(b + 1) * G][self.rank::self.world_size].tolist()

@@ -1,0 +1,300 @@
+"""AdvancedDiffusionTrainer: learning, exact resume, non-finite handling, CFG dropout, EMA."""
+
+import math
+
+import pytest
+import torch
+from helpers import tiny_config
+from hypothesis import given
+from hypothesis import strategies as st
+
+from diffusion import (
+    AdvancedDiffusionTrainer,
+    EMAModel,
+    GlobalBatchSampler,
+    NonFiniteLossError,
+    get_scheduler,
+)
+from diffusion.checkpoint import CheckpointError
+from diffusion.trainer import parameter_groups
+from nets import AdvancedUNet
+
+PROMPTS = ["a red circle", "a blue square", "a green cross", "a cyan triangle"]
+
+
+def make_trainer(seed=0, **overrides):
+    config = tiny_config(**overrides)
+    torch.manual_seed(seed)
+    return AdvancedDiffusionTrainer(AdvancedUNet(config), config)
+
+
+def fixed_batch(seed=0, n=4, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return {"images": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+            "prompts": (PROMPTS * n)[:n]}
+
+
+def test_overfits_one_batch():
+    """x0-prediction with a distinct prompt per image can reach ~0 loss at every t."""
+    trainer = make_trainer(prediction_type="sample", learning_rate=3e-3, lr_scheduler="constant",
+                           snr_gamma=None, cfg_dropout=0.0, use_ema=False)
+    batch = fixed_batch()
+    before = trainer.validate([batch])["val_loss"]
+    for _ in range(250):
+        metrics = trainer.train_step(batch)
+    after = trainer.validate([batch])["val_loss"]
+    assert after < before / 10, (before, after)
+    assert metrics["step"] == 250 and math.isfinite(metrics["grad_norm"])
+
+
+def state_of(trainer):
+    return {"model": trainer.model.state_dict(), "text": trainer.text_encoder.state_dict(),
+            "opt": trainer.optimizer.state_dict()["state"], "ema": trainer.ema.shadow}
+
+
+def assert_bitwise_equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_bitwise_equal(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    """6 steps straight == 3 steps, checkpoint, fresh trainer, load, 3 steps (dropout on, so
+    the global RNG state matters too)."""
+    kw = dict(dropout=0.1, use_ema=True, ema_decay=0.99, cfg_dropout=0.3, noise_offset=0.05,
+              lr_warmup_steps=2, max_steps=6, gradient_accumulation_steps=1)
+    batches = [fixed_batch(seed=i) for i in range(6)]
+    straight = make_trainer(**kw)
+    for batch in batches:
+        straight.train_step(batch)
+    first = make_trainer(**kw)
+    for batch in batches[:3]:
+        first.train_step(batch)
+    path = first.save_checkpoint(tmp_path / "half.pt", extra={"note": "half"})
+    torch.manual_seed(123)  # the fresh process's RNG differs; the checkpoint restores it
+    resumed = make_trainer(seed=99, **kw)
+    assert resumed.load_checkpoint(path) == {"note": "half"}
+    for batch in batches[3:]:
+        resumed.train_step(batch)
+    assert resumed.global_step == straight.global_step == 6
+    assert_bitwise_equal(state_of(resumed), state_of(straight))
+    assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
+
+
+def test_resume_with_a_different_model_lists_the_fields(tmp_path):
+    trainer = make_trainer()
+    path = trainer.save_checkpoint(tmp_path / "c.pt")
+    other = make_trainer(model_channels=32, context_dim=64)
+    with pytest.raises(ValueError, match=r"model_channels: checkpoint 16 vs config 32.*"
+                                         r"context_dim: checkpoint 32 vs config 64"):
+        other.load_checkpoint(path)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-batches of 2 with accumulation make the same update as one batch of 4."""
+    big = make_trainer(use_ema=False)
+    small = make_trainer(use_ema=False, gradient_accumulation_steps=2)
+    batch = fixed_batch()
+    draws = big._global_draws(batch["images"].shape)  # the same random numbers for both
+    big._global_draws = lambda shape: draws
+    halves = iter([tuple(d[:2] for d in draws), tuple(d[2:] for d in draws)])
+    small._global_draws = lambda shape: next(halves)
+    assert big.train_step(batch)["updated"] is True
+    first = small.train_step({"images": batch["images"][:2], "prompts": batch["prompts"][:2]})
+    second = small.train_step({"images": batch["images"][2:], "prompts": batch["prompts"][2:]})
+    assert (first["updated"], second["updated"]) == (False, True)
+    assert small.global_step == big.global_step == 1
+    for p_big, p_small in zip(big.denoiser.parameters(), small.denoiser.parameters()):
+        torch.testing.assert_close(p_small, p_big, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_skips_updates_then_stops():
+    trainer = make_trainer(max_nonfinite_steps=3, use_ema=False)
+    with torch.no_grad():
+        trainer.model.unet.conv_out.bias.fill_(float("nan"))
+    before = {k: v.clone() for k, v in trainer.text_encoder.state_dict().items()}
+    for i in range(2):
+        metrics = trainer.train_step(fixed_batch())
+        assert metrics["updated"] is False and metrics["skipped_steps"] == i + 1
+        assert metrics["step"] == 0
+    assert_bitwise_equal(trainer.text_encoder.state_dict(), before)  # nothing was updated
+    with pytest.raises(NonFiniteLossError, match=r"NaN/Inf for 3 consecutive steps.*lower "
+                                                 r"learning_rate"):
+        trainer.train_step(fixed_batch())
+
+
+def test_cfg_dropout_replaces_the_configured_fraction():
+    trainer = make_trainer(cfg_dropout=0.3)
+    seen = []
+    tokenizer = trainer.tokenizer
+    trainer.tokenizer = lambda prompts: (seen.extend(prompts), tokenizer(prompts))[1]
+    batch = {"images": torch.zeros(50, 3, 16, 16), "prompts": ["a red circle"] * 50}
+    for _ in range(10):
+        trainer.train_step(batch)
+    n = len(seen)
+    dropped = sum(p == "" for p in seen) / n
+    assert n == 500 and set(seen) == {"", "a red circle"}
+    assert abs(dropped - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)  # 4 binomial standard errors
+
+
+def test_validate_is_deterministic_and_restores_train_mode():
+    trainer = make_trainer(dropout=0.2)
+    batches = [fixed_batch(0), fixed_batch(1)]
+    a = trainer.validate(batches)
+    b = trainer.validate(batches)
+    assert a == b and a["num_batches"] == 2
+    assert trainer.denoiser.training
+    with pytest.raises(ValueError, match="empty dataloader"):
+        trainer.validate([])
+
+
+def test_parameter_groups_by_module_type():
+    trainer = make_trainer()
+    decay, no_decay = parameter_groups(trainer.denoiser, 0.01)
+    decayed = {id(p) for p in decay["params"]}
+    for module in trainer.denoiser.modules():
+        for name, p in module.named_parameters(recurse=False):
+            expect = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name == "weight"
+            assert (id(p) in decayed) == expect, (type(module).__name__, name)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    # the text encoder's position embedding is a bare Parameter: no decay, whatever its name
+    assert id(trainer.text_encoder.position_embedding) not in decayed
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"images": torch.zeros(2, 1, 16, 16), "prompts": ["a", "b"]}, r"\(B, 3, H, W\)"),
+    ({"images": torch.zeros(2, 3, 16, 16), "prompts": ["a"]}, r"2 images but 1 prompts"),
+    ({"images": torch.full((2, 3, 16, 16), 255.0), "prompts": ["a", "b"]},
+     r"must lie in \[-1, 1\]; got values in \[255, 255\]"),
+    ({"images": torch.full((2, 3, 16, 16), float("nan")), "prompts": ["a", "b"]}, "NaN"),
+    ({"pixels": torch.zeros(2, 3, 16, 16)}, r"'images'.*'prompts'"),
+])
+def test_bad_batches_are_rejected_before_any_update(batch, message):
+    trainer = make_trainer()
+    with pytest.raises(ValueError, match=message):
+        trainer.train_step(batch)
+    assert trainer.global_step == 0 and trainer._micro_step == 0
+
+
+# ---- LR schedules ----
+
+@given(st.sampled_from(["constant", "constant_with_warmup", "linear", "cosine"]),
+       st.integers(0, 50), st.integers(1, 200), st.floats(1e-5, 1e-2))
+def test_lr_schedules(name, warmup, total, lr):
+    total = max(total, warmup + 1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    values = []
+    for _ in range(total + 5):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert all(-1e-15 <= v <= lr * (1 + 1e-12) for v in values)
+    if name != "constant" and warmup > 0:
+        for step in range(warmup):  # linear from 0
+            assert values[step] == pytest.approx(lr * step / warmup, abs=lr * 1e-9)
+    if name in ("linear", "cosine"):
+        assert values[total] == pytest.approx(0.0, abs=lr * 1e-9)
+        assert values[warmup] == pytest.approx(lr)
+    if name == "constant":
+        assert values == [lr] * len(values)
+
+
+def test_lr_schedule_errors():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"name='step' is not one of"):
+        get_scheduler("step", optimizer, 0, 10)
+    with pytest.raises(ValueError, match=r"num_warmup_steps=-1 must be an int >= 0"):
+        get_scheduler("linear", optimizer, -1, 10)
+
+
+# ---- EMA ----
+
+@given(st.floats(0.5, 0.999), st.integers(1, 30), st.booleans())
+def test_ema_closed_form(decay, k, warmup):
+    """Fixed model theta, shadow theta0: after k steps, theta + prod(d_i) (theta0 - theta)."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMAModel(model, decay=decay, warmup=warmup)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    product = 1.0
+    for n in range(k):
+        product *= min(decay, (1 + n) / (10 + n)) if warmup else decay
+        ema.step(model)
+    for name, p in model.named_parameters():
+        expected = p.detach() + product * (theta0[name] - p.detach())
+        torch.testing.assert_close(ema.shadow[name], expected, rtol=1e-5, atol=1e-6)
+    assert ema.num_updates == k
+
+
+def test_ema_store_copy_restore_is_bitwise():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    ema = EMAModel(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.14159).add_(0.1)
+    trained = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    ema.step(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ema.average_parameters(model):
+            assert not torch.equal(model[0].weight, trained["0.weight"])
+            raise RuntimeError("boom")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name])
+
+
+def test_trainer_ema_weights_never_leak_into_training():
+    trainer = make_trainer(use_ema=True, ema_decay=0.9)
+    for i in range(3):
+        trainer.train_step(fixed_batch(i))
+    trained = {k: v.clone() for k, v in trainer.denoiser.state_dict().items()}
+    with trainer.ema_weights():
+        inside = {k: v.clone() for k, v in trainer.denoiser.state_dict().items()}
+    assert any(not torch.equal(inside[k], trained[k]) for k in trained)
+    assert_bitwise_equal(trainer.denoiser.state_dict(), trained)
+
+
+def test_ema_errors():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"decay=1.5 must be a number in \[0, 1\]"):
+        EMAModel(model, decay=1.5)
+    ema = EMAModel(model)
+    with pytest.raises(RuntimeError, match="without a matching store"):
+        ema.restore(model)
+    with pytest.raises(ValueError, match="does not match"):
+        ema.step(torch.nn.Linear(3, 3, bias=False))
+
+
+# ---- data order ----
+
+def test_global_batch_sampler_is_resumable_and_splits_ranks():
+    full = GlobalBatchSampler(20, 4, seed=3)
+    batches = list(full)
+    assert len(batches) == 5 and sorted(sum(batches, [])) == list(range(20))
+    resumed = GlobalBatchSampler(20, 4, seed=3)
+    resumed.set_position(0, 2)
+    assert list(resumed) == batches[2:]
+    ranks = [list(GlobalBatchSampler(20, 2, world_size=2, rank=r, seed=3)) for r in (0, 1)]
+    for b, batch in enumerate(batches):  # rank r holds the interleaved slice [r::2]
+        assert ranks[0][b] == batch[0::2] and ranks[1][b] == batch[1::2]
+    other_epoch = GlobalBatchSampler(20, 4, seed=3)
+    other_epoch.set_position(1, 0)
+    assert list(other_epoch) != batches
+    with pytest.raises(ValueError, match="fewer than one global batch of 8"):
+        GlobalBatchSampler(5, 4, world_size=2)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    trainer = make_trainer()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        trainer.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a plain-tensor"):
+        trainer.load_checkpoint(tmp_path / "junk.pt")
