@@ -1,0 +1,273 @@
+"""AdvancedDiffusionPipeline: text-to-image and image-to-image with a trained (or fresh) UNet and
+text encoder, plus `decode_latents` and the image helpers the scripts use.
+
+This codebase works in pixel space: there is no VAE, "latents" are the images themselves in
+[-1, 1], and `decode_latents` only rescales them to [0, 1].
+"""
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file
+from diffusion.trainer import TextConditionedDenoiser
+from nets import AdvancedUNet, TextEncoder
+
+from .samplers import check_sampler, guided_model_fn, sample
+
+CAPTION_HEIGHT = 12  # pixels of caption text under each grid cell
+GRID_PAD = 2
+CAPTION_WIDTH = 96  # room for about 16 characters of the default PIL font
+
+
+def decode_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Model space -> images in [0, 1]. In pixel space this is (x + 1) / 2, clamped."""
+    return ((latents.float() + 1) / 2).clamp(0, 1)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [0, 1] -> a PIL image (RGB, or L for one channel)."""
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array[..., :3])
+
+
+def from_pil(image: Image.Image, channels: int) -> torch.Tensor:
+    """A PIL image -> (1, channels, H, W) in [-1, 1]."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    x = x.reshape(image.height, image.width, channels).permute(2, 0, 1)  # (C, H, W)
+    return (x.float() / 255 * 2 - 1).unsqueeze(0)
+
+
+def make_grid(images: torch.Tensor, captions: Sequence[str] | None = None,
+              columns: int | None = None, scale: int = 2) -> Image.Image:
+    """A grid of (B, C, H, W) images in [0, 1], each upscaled by `scale`, with its caption
+    written under it."""
+    B = images.shape[0]
+    columns = columns or min(B, 8)
+    rows = -(-B // columns)
+    h, w = images.shape[2] * scale, images.shape[3] * scale
+    text_h = CAPTION_HEIGHT if captions else 0
+    cell_h = h + text_h + GRID_PAD
+    cell_w = max(w, CAPTION_WIDTH if captions else w) + GRID_PAD
+    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(B):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        grid.paste(to_pil(images[i]).convert("RGB").resize((w, h), Image.NEAREST), (x, y))
+        if captions:
+            draw.text((x, y + h), str(captions[i])[:24], fill="black")
+    return grid
+
+
+class AdvancedDiffusionPipeline:
+    """Generation from `(config, unet, text_encoder, scheduler)`; missing parts are built from
+    the config (untrained). `from_checkpoint(path)` loads what `train.py` saved."""
+
+    def __init__(self, config: DiffusionConfig, unet=None, text_encoder=None,
+                 scheduler: AdvancedScheduler | None = None, device=None):
+        if not isinstance(config, DiffusionConfig):
+            raise TypeError(f"config must be a DiffusionConfig; got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.unet = unet if unet is not None else AdvancedUNet(config)
+        self.text_encoder = text_encoder if text_encoder is not None else \
+            TextEncoder.from_config(config)
+        self.scheduler = scheduler or AdvancedScheduler(config)
+        self.device = torch.device(device) if device is not None else \
+            next(self.unet.parameters()).device
+        self.unet.to(self.device).eval()
+        self.text_encoder.to(self.device).eval()
+        self._cpu_offload = False
+        self._said = set()
+        if config.use_attention_slicing:
+            self.enable_attention_slicing()
+        if config.use_xformers:
+            self.enable_xformers_memory_efficient_attention()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, use_ema: bool = True, device=None):
+        """Load a train.py checkpoint (weights_only); with use_ema, the EMA weights."""
+        state = load_checkpoint_file(path)
+        config = DiffusionConfig.from_dict(state["config"])
+        unet, text_encoder = AdvancedUNet(config), TextEncoder.from_config(config)
+        unet.load_state_dict(state["model"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        if use_ema and state.get("ema") is not None:
+            both = TextConditionedDenoiser(unet, text_encoder)  # the EMA's parameter names
+            with torch.no_grad():
+                for name, p in both.named_parameters():
+                    p.copy_(state["ema"]["shadow"][name])
+        return cls(config, unet, text_encoder, device=device)
+
+    # ---- memory toggles ----
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """Compute attention in slices of heads to cap memory (same numbers as unsliced)."""
+        self.unet.enable_attention_slicing(slice_size)
+
+    def enable_vae_slicing(self) -> None:
+        """Pixel space has no VAE: decoding is a rescale with nothing to slice; says so."""
+        self._say_once("vae", "enable_vae_slicing: this pipeline works in pixel space (no VAE), "
+                              "so there is nothing to slice; nothing changed")
+
+    def enable_model_cpu_offload(self) -> None:
+        """Keep the text encoder and UNet on the CPU and move each to the accelerator only
+        while it runs. On a CPU-only machine there is nothing to offload; says so."""
+        if self.device.type == "cpu":
+            self._say_once("offload", "enable_model_cpu_offload: the models already run on the "
+                                      "CPU; nothing to offload")
+            return
+        self._cpu_offload = True
+        self.unet.to("cpu")
+        self.text_encoder.to("cpu")
+
+    def enable_xformers_memory_efficient_attention(self) -> None:
+        """xformers is not a dependency: this selects PyTorch's memory-efficient SDPA kernel."""
+        self.unet.enable_xformers_memory_efficient_attention()
+
+    def _on_device(self, module):
+        return module.to(self.device) if self._cpu_offload else module
+
+    def _off_device(self, module):
+        if self._cpu_offload:
+            module.to("cpu")
+
+    # ---- generation ----
+
+    def _check_size(self, height: int, width: int) -> None:
+        factor = self.unet.unet.downsampling_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < factor \
+                    or value % factor:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of the "
+                                 f"network's total downsampling {factor}")
+
+    def _check_steps(self, num_inference_steps) -> None:
+        T = self.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int in "
+                             f"[1, num_train_timesteps={T}]")
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]):
+        encoder = self._on_device(self.text_encoder)
+        context, mask = encoder.encode(prompts)
+        self._off_device(encoder)
+        return context.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
+                 negative_prompt: str | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, sampler: str | None = None,
+                 eta: float | None = None, init_images: torch.Tensor | None = None,
+                 strength: float = 1.0, callback=None) -> torch.Tensor:
+        """One image per (prompt, seed) -> (B, C, H, W) in [0, 1].
+
+        Image i starts from noise drawn with its own generator (seed_i), so it does not depend
+        on the rest of the batch; the step noise of the stochastic samplers comes from a
+        generator seeded with seeds[0]. init_images: (B, C, H, W) in [-1, 1] for
+        image-to-image (SDEdit, Meng et al. 2022): the images are noised to the first of the
+        `strength` fraction of timesteps that remain and denoised from there.
+        """
+        cfg = self.config
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+                or not 0 <= strength <= 1:
+            raise ValueError(f"strength={strength!r} must be a number in [0, 1]")
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        height = cfg.sample_size if height is None else height
+        width = cfg.sample_size if width is None else width
+        self._check_size(height, width)
+        self._check_steps(num_inference_steps)
+        sampler = check_sampler(sampler or cfg.sampler)
+        eta = cfg.eta if eta is None else eta
+        shape = (1, cfg.in_channels, height, width)
+        x_T = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds]).to(self.device)
+        timesteps = None
+        if init_images is not None and strength < 1:
+            self.scheduler.set_timesteps(num_inference_steps)
+            timesteps = self.scheduler.img2img_timesteps(strength)
+            if len(timesteps) == 0:
+                return decode_latents(init_images)
+            x_T = self.scheduler.add_noise(init_images.to(self.device), timesteps[0], noise=x_T)
+        cond = self._encode(list(prompts))
+        uncond = self._encode([negative_prompt or ""] * len(prompts))
+        unet = self._on_device(self.unet)
+
+        def denoise(x, t, context, mask):
+            return unet(x, t, context, mask)["sample"].float()
+
+        model_fn = guided_model_fn(denoise, cond, uncond, guidance_scale)
+        x0 = sample(model_fn, self.scheduler, x_T, sampler=sampler,
+                    num_inference_steps=num_inference_steps, eta=eta,
+                    generator=torch.Generator().manual_seed(int(seeds[0])), callback=callback,
+                    timesteps=timesteps)
+        self._off_device(unet)
+        return decode_latents(x0)
+
+    def _seeds(self, count: int, seed: int | None, generator) -> list[int]:
+        if seed is None:
+            generator = generator or torch.Generator().manual_seed(
+                int(torch.randint(0, 2**31 - 1, (1,)).item()))
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+        return [seed + i for i in range(count)]
+
+    def generate_image(self, prompt: str | Sequence[str], negative_prompt=None,
+                       num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                       width: int | None = None, height: int | None = None,
+                       num_images: int = 1, seed: int | None = None, generator=None,
+                       sampler: str | None = None, eta: float | None = None):
+        """Text-to-image. Returns a PIL image, or a list when more than one is made.
+
+        Image i of the batch uses seed + i (seed drawn from `generator`, or at random, when
+        not given), so a batch equals the same images generated one by one.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        images = self.generate(prompts, self._seeds(len(prompts), seed, generator),
+                               negative_prompt=negative_prompt,
+                               num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, height=height, width=width,
+                               sampler=sampler, eta=eta)
+        pils = [to_pil(image) for image in images]
+        return pils[0] if len(pils) == 1 else pils
+
+    def generate_variations(self, image, prompt: str, negative_prompt=None,
+                            num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                            strength: float = 0.8, num_images: int = 1,
+                            seed: int | None = None, generator=None,
+                            sampler: str | None = None, eta: float | None = None,
+                            width: int | None = None, height: int | None = None):
+        """Image-to-image (SDEdit). image: a PIL image or a path; it is resized to
+        (width, height), by default the model's sample size. strength 0 returns the input,
+        strength 1 is plain text-to-image."""
+        if isinstance(image, (str, Path)):
+            if not Path(image).exists():
+                raise ValueError(f"image path {str(image)!r} does not exist")
+            image = Image.open(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL image or a path; got {type(image).__name__}")
+        height = self.config.sample_size if height is None else height
+        width = self.config.sample_size if width is None else width
+        self._check_size(height, width)
+        init = from_pil(image.resize((width, height), Image.BICUBIC), self.config.in_channels)
+        init = init.expand(num_images, -1, -1, -1)
+        images = self.generate([prompt] * num_images, self._seeds(num_images, seed, generator),
+                               negative_prompt=negative_prompt,
+                               num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, height=height, width=width,
+                               sampler=sampler, eta=eta, init_images=init, strength=strength)
+        pils = [to_pil(img) for img in images]
+        return pils[0] if len(pils) == 1 else pils

@@ -1,0 +1,259 @@
+"""AdvancedDiffusionPipeline and sample.py: guidance, seeds, image-to-image, toggles, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+from PIL import Image
+
+from diffusion import CheckpointError
+from nets import AdvancedUNet, TextEncoder
+from sampling import AdvancedDiffusionPipeline, guided_model_fn
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def randomised(module, seed):
+    """A fresh model predicts exactly 0 (zero-initialised output layers); give every parameter
+    small random values so outputs depend on the inputs and the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    config = tiny_config(num_inference_steps=4, clip_sample=True)
+    torch.manual_seed(0)
+    return AdvancedDiffusionPipeline(config, randomised(AdvancedUNet(config), 1),
+                                     randomised(TextEncoder.from_config(config), 2))
+
+
+def images_of(pipeline, prompts, seeds, **kw):
+    kw.setdefault("num_inference_steps", 4)
+    kw.setdefault("guidance_scale", 3.0)
+    return pipeline.generate(prompts, seeds, **kw)
+
+
+# ---- classifier-free guidance ----
+
+def test_guidance_scale_one_is_cond_and_zero_is_uncond():
+    def denoise(x, t, context, mask):
+        return x * context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+    x = torch.randn(2, 1, 2, 2)
+    cond = (torch.full((2, 3, 4), 2.0), torch.ones(2, 3, dtype=torch.bool))
+    uncond = (torch.full((2, 3, 4), 5.0), torch.ones(2, 3, dtype=torch.bool))
+    torch.testing.assert_close(guided_model_fn(denoise, cond, uncond, 1.0)(x, 0), 2 * x)
+    torch.testing.assert_close(guided_model_fn(denoise, cond, uncond, 0.0)(x, 0), 5 * x)
+    torch.testing.assert_close(guided_model_fn(denoise, cond, uncond, 3.0)(x, 0),
+                               5 * x + 3.0 * (2 * x - 5 * x))
+
+
+def test_negative_prompt_changes_the_uncond_branch_only(pipeline):
+    seen = []
+    forward = pipeline.unet.forward
+
+    def recording(x, t, context, mask):
+        seen.append(context.clone())
+        return forward(x, t, context, mask)
+
+    pipeline.unet.forward = recording
+    try:
+        images_of(pipeline, ["a red circle"], [0], num_inference_steps=1)
+        images_of(pipeline, ["a red circle"], [0], num_inference_steps=1,
+                  negative_prompt="a blue square")
+    finally:
+        del pipeline.unet.forward
+    plain, negative = seen  # each a batch of [uncond, cond]
+    assert torch.equal(plain[1], negative[1])
+    assert not torch.equal(plain[0], negative[0])
+
+
+# ---- seeds ----
+
+def test_seeds(pipeline):
+    a = images_of(pipeline, ["a red circle", "a blue square"], [3, 4])
+    b = images_of(pipeline, ["a red circle", "a blue square"], [3, 4])
+    c = images_of(pipeline, ["a red circle", "a blue square"], [5, 6])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    one_by_one = torch.cat([images_of(pipeline, ["a red circle"], [3]),
+                            images_of(pipeline, ["a blue square"], [4])])
+    # float32 kernels sum in a batch-size-dependent order (differences ~2e-5 seen here);
+    # 1e-4 is 1/40 of one 8-bit level, far below any visible difference
+    torch.testing.assert_close(a, one_by_one, rtol=0, atol=1e-4)
+
+
+def test_generate_image_returns_pil_images(pipeline):
+    image = pipeline.generate_image("a red circle", num_inference_steps=2, seed=0)
+    assert isinstance(image, Image.Image) and image.size == (16, 16)
+    many = pipeline.generate_image("a red circle", num_inference_steps=2, seed=0, num_images=2,
+                                   width=32, height=16)
+    assert len(many) == 2 and many[0].size == (32, 16)
+    assert pipeline.generate_image("a red circle", num_inference_steps=2, seed=0).tobytes() == \
+        image.tobytes()
+
+
+# ---- image-to-image ----
+
+def init_image(size=16):
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(1, 3, size, size, generator=g) * 2 - 1
+
+
+def test_img2img_strength_zero_returns_the_input(pipeline):
+    init = init_image()
+    out = images_of(pipeline, ["a red circle"], [0], init_images=init, strength=0.0)
+    torch.testing.assert_close(out, (init + 1) / 2)
+
+
+def test_img2img_strength_one_ignores_the_input(pipeline):
+    out = images_of(pipeline, ["a red circle"], [0], init_images=init_image(), strength=1.0)
+    torch.testing.assert_close(out, images_of(pipeline, ["a red circle"], [0]))
+
+
+def test_img2img_runs_the_remaining_steps_from_the_right_noise_level(pipeline):
+    """The input is noised to exactly the first timestep then denoised (not one step off)."""
+    n, strength = 10, 0.5
+    calls = []
+    forward = pipeline.unet.forward
+
+    def recording(x, t, context, mask):
+        calls.append((int(torch.as_tensor(t).reshape(-1)[0]), x[:1].clone()))
+        return forward(x, t, context, mask)
+
+    init = init_image()
+    pipeline.unet.forward = recording
+    try:
+        images_of(pipeline, ["a red circle"], [0], init_images=init, strength=strength,
+                  num_inference_steps=n)
+    finally:
+        del pipeline.unet.forward
+    pipeline.scheduler.set_timesteps(n)
+    remaining = pipeline.scheduler.timesteps[n - 5:].tolist()
+    assert [t for t, _ in calls] == remaining  # 5 of 10 steps, the last five
+    noise = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    expected_first = pipeline.scheduler.add_noise(init, remaining[0], noise=noise)
+    torch.testing.assert_close(calls[0][1], expected_first)
+
+
+def test_generate_variations_accepts_a_path_and_resizes(pipeline, tmp_path):
+    path = tmp_path / "in.png"
+    Image.new("RGB", (40, 24), (255, 0, 0)).save(path)
+    out = pipeline.generate_variations(str(path), "a red circle", num_inference_steps=4,
+                                       strength=0.0, seed=0)
+    assert out.size == (16, 16) and out.getpixel((8, 8)) == (255, 0, 0)
+
+
+# ---- memory toggles ----
+
+def test_memory_toggles_give_the_same_images():
+    config = tiny_config(num_inference_steps=3)
+    torch.manual_seed(0)
+    unet = randomised(AdvancedUNet(config), 1)
+    text = randomised(TextEncoder.from_config(config), 2)
+    base = AdvancedDiffusionPipeline(config, unet, text)
+    reference = images_of(base, ["a red circle"], [0])
+    base.enable_attention_slicing(1)
+    base.enable_xformers_memory_efficient_attention()
+    with pytest.warns(UserWarning, match="pixel space"):
+        base.enable_vae_slicing()
+    with pytest.warns(UserWarning, match="nothing to offload"):
+        base.enable_model_cpu_offload()
+    torch.testing.assert_close(images_of(base, ["a red circle"], [0]), reference,
+                               rtol=1e-4, atol=1e-5)
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(width=17), r"width=17 must be a positive multiple of the network's total "
+                     r"downsampling 2"),
+    (dict(height=0), r"height=0 must be a positive multiple"),
+    (dict(num_inference_steps=0), r"num_inference_steps=0 must be an int in \[1, "),
+    (dict(num_inference_steps=1001), r"num_inference_steps=1001"),
+    (dict(sampler="heun"), r"sampler='heun' is not one of \['ddpm', 'ddim'"),
+    (dict(init_images=torch.zeros(1, 3, 16, 16), strength=1.5),
+     r"strength=1.5 must be a number in \[0, 1\]"),
+])
+def test_bad_generation_arguments(pipeline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        images_of(pipeline, ["a red circle"], [0], **kwargs)
+
+
+def test_from_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        AdvancedDiffusionPipeline.from_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a plain-tensor"):
+        AdvancedDiffusionPipeline.from_checkpoint(tmp_path / "notes.pt")
+
+
+# ---- sample.py on a trained checkpoint ----
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 20-step train.py run of the tiny configuration."""
+    folder = tmp_path_factory.mktemp("trained")
+    config = tiny_config(output_dir=str(folder / "run"), max_steps=20, save_every=20,
+                         sample_every=1000, use_ema=True, ema_decay=0.9)
+    config.to_yaml(folder / "tiny.yaml")
+    result = subprocess.run([sys.executable, "train.py", "--config", str(folder / "tiny.yaml")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run" / "last.pt"
+
+
+def sample_cli(*args):
+    return subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sample_script_grid_and_folder(checkpoint, tmp_path):
+    grid = tmp_path / "grid.png"
+    result = sample_cli("--checkpoint", checkpoint, "--prompt", "a red circle",
+                        "--num-images", 3, "--steps", 4, "--out", grid)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(grid).size[0] >= 3 * 32
+    folder = tmp_path / "images"
+    result = sample_cli("--checkpoint", checkpoint, "--prompt", "a blue square",
+                        "--num-images", 2, "--steps", 4, "--seed", 5, "--sampler", "ddpm",
+                        "--out", folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [(m["file_name"], m["text"], m["seed"], m["sampler"]) for m in lines] == \
+        [("0000.png", "a blue square", 5, "ddpm"), ("0001.png", "a blue square", 6, "ddpm")]
+    assert Image.open(folder / "0001.png").size == (16, 16)
+
+
+def test_sample_script_img2img_and_errors(checkpoint, tmp_path):
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "in.png")
+    result = sample_cli("--checkpoint", checkpoint, "--prompt", "a green square", "--steps", 4,
+                        "--init-image", tmp_path / "in.png", "--strength", 0.0,
+                        "--out", tmp_path / "same")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "same" / "0000.png").getpixel((3, 3)) == (0, 255, 0)
+    bad = sample_cli("--checkpoint", tmp_path / "nope.pt", "--prompt", "x", "--out", tmp_path)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
+    bad = sample_cli("--checkpoint", checkpoint, "--prompt", "x", "--strength", 2.0,
+                     "--init-image", tmp_path / "in.png", "--out", tmp_path / "o.png")
+    assert bad.returncode != 0 and "strength=2.0" in bad.stderr
+
+
+def test_from_checkpoint_uses_ema_weights(checkpoint):
+    ema = AdvancedDiffusionPipeline.from_checkpoint(checkpoint)
+    raw = AdvancedDiffusionPipeline.from_checkpoint(checkpoint, use_ema=False)
+    state = torch.load(checkpoint, weights_only=True)
+    name = "unet.unet.conv_in.weight"
+    assert torch.equal(dict(ema.unet.named_parameters())["unet.conv_in.weight"],
+                       state["ema"]["shadow"][name])
+    assert torch.equal(dict(raw.unet.named_parameters())["unet.conv_in.weight"],
+                       state["model"]["unet.conv_in.weight"])

@@ -1,0 +1,311 @@
+"""The samplers of `sampling.sample` against analytic oracles (no training involved).
+
+Data: per-pixel Gaussian mixtures from diffusion.oracle, whose MMSE denoiser is exact, so a
+sampler's error is its discretisation error plus sampling noise only. Samples are float64 of
+shape (N, 1, 1, 1) and configs use clip_sample=False unless a test is about clipping.
+
+What is pinned here:
+1. distribution: each sampler at 50 steps reproduces the mixture's mean, std and mode
+   weight within 5 standard errors of N samples plus a discretisation allowance measured
+   at N = 400k (stated at ALLOWANCE);
+2. ODE convergence: the deterministic samplers approach a 1000-step DPM-Solver++ solution
+   of the same probability-flow ODE from the same x_T as steps grow, DPM-Solver++ beats DDIM
+   at 20 steps, and on Gaussian data, where the ODE's solution is closed form, DDIM converges
+   at order 1 and DPM-Solver++ at order 2;
+3. no residual noise: with point-mass data every sampler returns the point, for every
+   spacing and prediction type (also with zero terminal SNR), and x0 clipping applies in all;
+4. plumbing: the scheduler's list is followed exactly, the prediction types agree, seeds
+   determine the output, the callback runs once per step, unknown names are refused.
+`euler` is DDIM(eta = 0) and `euler_ancestral` is DDIM(eta = 1) in other coordinates
+(see their docstrings); tests pin both identities, which ties them to test_oracle.py's exact
+chain-moment checks of DDIM.
+"""
+
+import math
+
+import pytest
+import torch
+
+from diffusion import AdvancedScheduler, DiffusionConfig
+from diffusion.config import SAMPLERS as CONFIG_SAMPLERS
+from diffusion.oracle import GaussianMixture, exact_model_fn
+from sampling.samplers import SAMPLERS, check_sampler, sample
+
+MIXTURE = GaussianMixture((0.3, 0.7), (-0.6, 0.5), (0.1, 0.2))
+GAUSSIAN = GaussianMixture((1.0,), (0.3,), (0.5,))
+POINT = GaussianMixture((1.0,), (0.3,), (0.0,))
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")
+# (sampler, eta): every sampler, DDIM both deterministic and with DDPM's variance
+RUNS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0), ("euler", 0.0),
+        ("euler_ancestral", 0.0)]
+STOCHASTIC = [("ddpm", 0.0), ("ddim", 1.0), ("euler_ancestral", 0.0)]
+DETERMINISTIC = [r for r in RUNS if r not in STOCHASTIC]
+ODE_SAMPLERS = ("ddim", "euler", "dpmsolver++")
+
+
+def make(prediction_type="epsilon", spacing="trailing", **overrides) -> AdvancedScheduler:
+    config = DiffusionConfig(prediction_type=prediction_type, timestep_spacing=spacing,
+                             **{"clip_sample": False, **overrides})
+    return AdvancedScheduler(config)
+
+
+def noise(num_samples: int, seed: int = 0) -> torch.Tensor:
+    """x_T ~ N(0, 1), (num_samples, 1, 1, 1) float64."""
+    return torch.randn(num_samples, 1, 1, 1, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def run(scheduler, mixture, sampler, eta, n, x_T, seed=1, **kw) -> torch.Tensor:
+    """`sample` with the exact denoiser of `mixture`; step noise from a generator seeded `seed`."""
+    return sample(exact_model_fn(scheduler, mixture), scheduler, x_T, sampler=sampler,
+                  num_inference_steps=n, eta=eta,
+                  generator=torch.Generator().manual_seed(seed), **kw)
+
+
+# ---- 1. the output distribution matches the data ----
+
+# Discretisation allowance at 50 trailing steps: |bias| of (mean, std, weight of the positive
+# mode) measured with N = 400k samples (statistical SE there ~0.0008), rounded up:
+#   ddpm = ddim(eta=1) = euler_ancestral (one chain): +0.0065, -0.027, +0.0082
+#   ddim(eta=0) = euler:                              +0.0022, -0.018, +0.0009
+#   dpmsolver++:                                      +0.0010, -0.0018, -0.0034
+# (the exact MMSE denoiser with few steps shrinks the spread, as in test_oracle.py).
+ALLOWANCE = {"stochastic": (0.008, 0.030, 0.010), "first_order_ode": (0.003, 0.020, 0.002),
+             "dpmsolver++": (0.002, 0.003, 0.005)}
+DISTRIBUTION_CASES = [  # (sampler, eta, prediction type, allowance, step-noise seed)
+    ("ddpm", 0.0, "epsilon", "stochastic", 11),
+    ("ddim", 1.0, "v_prediction", "stochastic", 12),
+    ("euler_ancestral", 0.0, "sample", "stochastic", 13),
+    ("ddim", 0.0, "sample", "first_order_ode", 0),
+    ("euler", 0.0, "epsilon", "first_order_ode", 0),
+    ("dpmsolver++", 0.0, "v_prediction", "dpmsolver++", 0),
+]
+
+
+@pytest.mark.parametrize("sampler, eta, prediction_type, allowance, seed", DISTRIBUTION_CASES)
+def test_output_distribution_matches_the_mixture(sampler, eta, prediction_type, allowance,
+                                                 seed):
+    """At 50 trailing steps; prediction types rotate (the bias does not depend on them)."""
+    N, n = 100_000, 50
+    x = run(make(prediction_type), MIXTURE, sampler, eta, n, noise(N, seed=3), seed=seed)
+    x = x.flatten()
+    mean, std, weight = x.mean().item(), x.std().item(), (x > 0).double().mean().item()
+    true_mean, true_std, true_weight = MIXTURE.mean(), MIXTURE.std(), MIXTURE.weights[1]
+    # standard errors of N samples: mean sigma / sqrt(N); std sqrt(Var((x - m)^2)) / (2 s
+    # sqrt(N)) (delta method, with the sample's own fourth moment); weight sqrt(w (1-w) / N)
+    se_mean = true_std / math.sqrt(N)
+    se_std = ((x - mean) ** 2).std().item() / (2 * std * math.sqrt(N))
+    se_weight = math.sqrt(true_weight * (1 - true_weight) / N)
+    a_mean, a_std, a_weight = ALLOWANCE[allowance]
+    assert abs(mean - true_mean) < 5 * se_mean + a_mean, (mean, true_mean)
+    assert abs(std - true_std) < 5 * se_std + a_std, (std, true_std)
+    assert abs(weight - true_weight) < 5 * se_weight + a_weight, (weight, true_weight)
+
+
+# ---- 2. deterministic samplers converge to the probability-flow ODE's solution ----
+
+ERROR_STEPS = (10, 20, 50, 100)
+
+
+def ode_error_table(num_samples: int = 2000) -> dict[str, list[float]]:
+    """RMS distance from a 1000-step DPM-Solver++ solution of the same ODE (same x_T, trailing
+    spacing, so every step count starts at t = T - 1), for each ODE sampler x ERROR_STEPS.
+
+    The reference's own error is ~2e-4 (its distance to the 500-step solution), far below
+    the smallest entry. Leading spacing starts elsewhere for each n, so it is not used here.
+    """
+    sched = make("epsilon", "trailing")
+    x_T = noise(num_samples, seed=0)
+    reference = run(sched, MIXTURE, "dpmsolver++", 0.0, 1000, x_T)
+    table = {"ddim@1000": [(run(sched, MIXTURE, "ddim", 0.0, 1000, x_T) - reference)
+                           .pow(2).mean().sqrt().item()]}
+    for name in ODE_SAMPLERS:
+        table[name] = [(run(sched, MIXTURE, name, 0.0, n, x_T) - reference)
+                       .pow(2).mean().sqrt().item() for n in ERROR_STEPS]
+    print(f"\nRMS error vs 1000-step DPM-Solver++ (mixture, trailing, N={num_samples})")
+    print(f"{'sampler':>12} " + " ".join(f"{n:>9}" for n in ERROR_STEPS))
+    for name in ODE_SAMPLERS:
+        print(f"{name:>12} " + " ".join(f"{e:9.2e}" for e in table[name]))
+    print(f"DDIM at 1000 steps vs the reference: {table['ddim@1000'][0]:.2e}")
+    return table
+
+
+def test_deterministic_samplers_converge_to_the_reference_ode_solution():
+    table = ode_error_table()
+    for name in ODE_SAMPLERS:
+        assert table[name] == sorted(table[name], reverse=True), (name, table[name])
+    index_20 = ERROR_STEPS.index(20)
+    assert table["dpmsolver++"][index_20] < 0.8 * table["ddim"][index_20], table
+    assert table["dpmsolver++"][-1] < 0.5 * table["ddim"][-1], table
+    # DDIM at 1000 steps solves the same ODE: first order predicts 1/10 of its 100-step error
+    assert table["ddim@1000"][0] < 0.15 * table["ddim"][-1], table
+
+
+def gaussian_ode_solution(sched, x_T):
+    """Exact probability-flow ODE map for N(mu, s^2) data from timesteps[0] to abar = 1: it
+    transports quantiles, x0 = mu + s (x_T - sqrt(abar) mu) / sqrt(abar s^2 + 1 - abar)."""
+    mu, s = GAUSSIAN.means[0], GAUSSIAN.stds[0]
+    abar = float(sched.alphas_cumprod_float64[sched.timesteps[0]])
+    return mu + s * (x_T - math.sqrt(abar) * mu) / math.sqrt(abar * s**2 + 1 - abar)
+
+
+@pytest.mark.parametrize("sampler, order", [("ddim", 1.0), ("dpmsolver++", 2.0)])
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_gaussian_ode_convergence_order(sampler, order, spacing):
+    """Observed order log2(err(n) / err(2n)) at n = 80 on Gaussian data (closed-form ODE).
+
+    Trailing spacing is left out: there the first-order last step, from t = T/n - 1 straight
+    to abar = 1, dominates DPM-Solver++'s error (measured ~1e-3 at 160 steps), which is the
+    price of ending without residual noise.
+    """
+    x_T = torch.linspace(-3, 3, 61, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    errors = []
+    for n in (80, 160):
+        sched = make("epsilon", spacing)
+        sched.set_timesteps(n)
+        exact = gaussian_ode_solution(sched, x_T)
+        errors.append((run(sched, GAUSSIAN, sampler, 0.0, n, x_T) - exact).abs().max().item())
+    observed = math.log2(errors[0] / errors[1])
+    assert abs(observed - order) < 0.3, (errors, observed)
+
+
+def test_euler_is_ddim_eta_0_and_euler_ancestral_is_ddim_eta_1():
+    """The identities in the samplers' docstrings, for every spacing and prediction type;
+    euler_ancestral matches DDIM(eta = 1) noise draw for noise draw (same generator)."""
+    x_T = noise(512)
+    for spacing in SPACINGS:
+        for prediction_type in PREDICTION_TYPES:
+            sched = make(prediction_type, spacing)
+            for fast, eta in (("euler", 0.0), ("euler_ancestral", 1.0)):
+                ddim = run(sched, MIXTURE, "ddim", eta, 10, x_T, seed=5)
+                torch.testing.assert_close(run(sched, MIXTURE, fast, 0.0, 10, x_T, seed=5), ddim,
+                                           rtol=0, atol=1e-10)
+
+
+# ---- 3. no residual noise; clipping everywhere ----
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_point_mass_data_comes_back_as_the_point(sampler, eta, spacing, prediction_type):
+    sched = make(prediction_type, spacing)
+    for n in (1, 2, 7, 50):
+        x = run(sched, POINT, sampler, eta, n, noise(64))
+        assert (x - POINT.means[0]).abs().max().item() < 1e-6, (n, x.flatten()[:4])
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+def test_point_mass_with_zero_terminal_snr(sampler, eta):
+    """abar = 0 at the first timestep: sigma = inf, lambda = -inf; every sampler stays finite."""
+    sched = make("v_prediction", "trailing", rescale_betas_zero_snr=True)
+    assert sched.alphas_cumprod_float64[-1] == 0
+    for n in (1, 2, 10):
+        x = run(sched, POINT, sampler, eta, n, noise(64))
+        assert (x - POINT.means[0]).abs().max().item() < 1e-6, (n, x.flatten()[:4])
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_x0_clipping_applies_in_every_sampler(sampler, eta, prediction_type):
+    """Point mass at 1.5 with clip_sample to +-1: every x0_hat is clipped to 1, so the output
+    is 1; a sampler that bypassed the scheduler's conversion would return 1.5."""
+    sched = make(prediction_type, "trailing", clip_sample=True, clip_sample_range=1.0)
+    x = run(sched, GaussianMixture((1.0,), (1.5,), (0.0,)), sampler, eta, 10, noise(64))
+    assert (x - 1.0).abs().max().item() < 1e-6, x.flatten()[:4]
+
+
+# ---- 4. plumbing ----
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_prediction_types_agree(sampler, eta, spacing):
+    """The same exact denoiser in eps, v or x0 form drives every sampler to the same samples."""
+    x_T = noise(256)
+    outs = [run(make(p, spacing), MIXTURE, sampler, eta, 10, x_T, seed=2)
+            for p in PREDICTION_TYPES]
+    assert outs[0].std() > 0.3  # a real sample spread, not a collapsed output
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_the_timestep_list_is_followed_and_the_callback_runs_once_per_step(sampler, eta,
+                                                                         spacing):
+    sched = make("epsilon", spacing)
+    model = exact_model_fn(sched, MIXTURE)
+    seen, calls = [], []
+
+    def model_fn(x, t):
+        seen.append(int(t))
+        return model(x, t)
+
+    n = 7
+    out = sample(model_fn, sched, noise(8), sampler=sampler, num_inference_steps=n, eta=eta,
+                 generator=torch.Generator().manual_seed(0),
+                 callback=lambda i, t, x: calls.append((i, int(t), x.clone())))
+    expected = make("epsilon", spacing)
+    expected.set_timesteps(n)
+    assert seen == expected.timesteps.tolist()
+    assert [(i, t) for i, t, _ in calls] == list(enumerate(expected.timesteps.tolist()))
+    torch.testing.assert_close(calls[-1][2], out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+def test_a_tail_of_the_list_runs_only_those_steps(sampler, eta):
+    """`timesteps=` (image-to-image) runs the given tail: those model calls, those callbacks."""
+    sched = make("epsilon", "trailing")
+    sched.set_timesteps(10)
+    tail = sched.img2img_timesteps(0.4)
+    model = exact_model_fn(sched, POINT)
+    seen, calls = [], []
+
+    def model_fn(x, t):
+        seen.append(int(t))
+        return model(x, t)
+
+    x_T = sched.add_noise(torch.full((8, 1, 1, 1), 0.3, dtype=torch.float64), tail[0],
+                          noise=noise(8))
+    out = sample(model_fn, sched, x_T, sampler=sampler, num_inference_steps=10, eta=eta,
+                 generator=torch.Generator().manual_seed(0), timesteps=tail,
+                 callback=lambda i, t, x: calls.append(i))
+    assert seen == tail.tolist() and calls == list(range(4))
+    assert (out - 0.3).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+def test_seeds_determine_the_output(sampler, eta):
+    sched = make("v_prediction", "trailing")
+    x_T = noise(256)
+    torch.manual_seed(123)  # the global RNG must play no part
+    first = run(sched, MIXTURE, sampler, eta, 10, x_T, seed=7)
+    torch.manual_seed(456)
+    again = run(sched, MIXTURE, sampler, eta, 10, x_T, seed=7)
+    other = run(sched, MIXTURE, sampler, eta, 10, x_T, seed=8)
+    assert torch.equal(first, again)
+    if (sampler, eta) in STOCHASTIC:
+        assert (first - other).abs().max().item() > 0.01
+    else:
+        assert torch.equal(first, other)
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+def test_low_precision_samples_keep_their_dtype(sampler, eta):
+    sched = make("epsilon", "trailing")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = run(sched, POINT, sampler, eta, 5, noise(16).to(dtype))
+        assert x.dtype == dtype
+        assert (x.double() - 0.3).abs().max().item() < 1e-2  # bfloat16 resolution at 0.3
+
+
+def test_every_sampler_name_is_known_and_unknown_names_are_refused():
+    assert SAMPLERS == CONFIG_SAMPLERS  # the config validates the same names that run
+    for name in SAMPLERS:
+        assert check_sampler(name) == name
+    sched = make()
+    for bad in ("dpm++", "Euler", "heun"):
+        with pytest.raises(ValueError) as info:
+            sample(exact_model_fn(sched, POINT), sched, noise(2), sampler=bad)
+        message = str(info.value)
+        assert repr(bad) in message and all(repr(name) in message for name in SAMPLERS)
