@@ -3,7 +3,8 @@
     python sample.py --checkpoint runs/shapes/last.pt --prompt "a red circle" --out out.png
                      [--negative-prompt TEXT] [--num-images 8] [--steps 50]
                      [--sampler ddim|ddpm|dpmsolver++|euler|euler_ancestral]
-                     [--guidance-scale 7.5] [--eta 0] [--seed 0] [--no-ema]
+                     [--guidance-scale 7.5] [--guidance-rescale 0] [--eta 0] [--seed 0]
+                     [--no-ema]
                      [--init-image in.png --strength 0.8]
 
 OUT ending in .png is a grid with the prompt under each image; anything else is a folder of
@@ -34,6 +35,8 @@ def parse_args(argv=None):
                         help="default: the checkpoint config's num_inference_steps")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--guidance-rescale", type=float, default=None,
+                        help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
     parser.add_argument("--eta", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="use the trained, not EMA, weights")
@@ -56,8 +59,10 @@ def main(argv=None):
         "negative_prompt": args.negative_prompt, "num_inference_steps": steps,
         "guidance_scale": config.guidance_scale if args.guidance_scale is None
         else args.guidance_scale,
-        "sampler": args.sampler or config.sampler, "eta": config.eta if args.eta is None
-        else args.eta,
+        "sampler": args.sampler or config.sampler,
+        "eta": config.eta if args.eta is None else args.eta,
+        "guidance_rescale": config.guidance_rescale if args.guidance_rescale is None
+        else args.guidance_rescale,
     }
     prompts = [args.prompt] * args.num_images
     seeds = [args.seed + i for i in range(args.num_images)]

@@ -118,6 +118,8 @@ class DiffusionConfig:
     guidance_scale: float = _field(7.5, "Classifier-free guidance scale.", low=0.0)
     eta: float = _field(0.0, "DDIM eta: 0 is deterministic, 1 matches DDPM's variance.",
                         low=0.0)
+    guidance_rescale: float = _field(
+        0.0, "Guidance rescale phi (Lin et al. 2023); 0 is plain guidance.", low=0.0, high=1.0)
     # ---- memory toggles the guide reads from the config ----
     use_attention_slicing: bool = _field(False, "Compute attention in slices.")
     use_vae_slicing: bool = _field(False, "Decode latents one image at a time.")

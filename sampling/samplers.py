@@ -254,20 +254,38 @@ def sample(model_fn: Callable, scheduler: AdvancedScheduler, x_T: torch.Tensor, 
     return x.to(x_T.dtype)
 
 
-def guided_model_fn(denoise: Callable, cond: tuple, uncond: tuple,
-                    guidance_scale: float) -> Callable:
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, eqs. 15-16): scale the guided output to the
+    per-sample standard deviation of the conditional one, then mix: phi * rescaled +
+    (1 - phi) * guided. Counters the over-exposure of large guidance scales."""
+    dims = tuple(range(1, guided.ndim))
+    std_guided = guided.std(dim=dims, keepdim=True).clamp(min=torch.finfo(guided.dtype).tiny)
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / std_guided)
+    return phi * rescaled + (1 - phi) * guided
+
+
+def guided_model_fn(denoise: Callable, cond: tuple, uncond: tuple, guidance_scale: float, *,
+                    guidance_rescale: float = 0.0, batched: bool = True) -> Callable:
     """Classifier-free guidance (Ho & Salimans 2022): out_u + s (out_c - out_u).
 
     denoise(x, t, context, mask) -> (B, ...) output; cond / uncond: (context, mask) pairs of
-    batch B. Both branches run in one batched forward of 2B. Scale 1 is the conditional
-    output alone (and skips the unconditional forward); scale 0 the unconditional one.
+    batch B. batched: both branches in one forward of 2B (fast), else two forwards of B (half
+    the peak activation memory). Scale 1 is the conditional output alone (the unconditional
+    forward is skipped); scale 0 the unconditional one. guidance_rescale > 0 applies
+    `rescale_guidance`.
     """
     def model_fn(x: torch.Tensor, t) -> torch.Tensor:
         if guidance_scale == 1.0:
             return denoise(x, t, *cond)
-        context = torch.cat([uncond[0], cond[0]])
-        mask = torch.cat([uncond[1], cond[1]])
-        out_uncond, out_cond = denoise(torch.cat([x, x]), t, context, mask).chunk(2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        if batched:
+            context = torch.cat([uncond[0], cond[0]])
+            mask = torch.cat([uncond[1], cond[1]])
+            out_uncond, out_cond = denoise(torch.cat([x, x]), t, context, mask).chunk(2)
+        else:
+            out_uncond, out_cond = denoise(x, t, *uncond), denoise(x, t, *cond)
+        guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+        if guidance_rescale > 0:
+            guided = rescale_guidance(guided, out_cond, guidance_rescale)
+        return guided
 
     return model_fn
