@@ -54,16 +54,9 @@ def main(argv=None):
     except CheckpointError as err:
         sys.exit(f"sample.py: {err}")
     config = pipeline.config
-    steps = args.steps or config.num_inference_steps
-    settings = {
-        "negative_prompt": args.negative_prompt, "num_inference_steps": steps,
-        "guidance_scale": config.guidance_scale if args.guidance_scale is None
-        else args.guidance_scale,
-        "sampler": args.sampler or config.sampler,
-        "eta": config.eta if args.eta is None else args.eta,
-        "guidance_rescale": config.guidance_rescale if args.guidance_rescale is None
-        else args.guidance_rescale,
-    }
+    settings = {"negative_prompt": args.negative_prompt,
+                **pipeline.settings(args.steps, args.guidance_scale, args.sampler, args.eta,
+                                    args.guidance_rescale)}
     prompts = [args.prompt] * args.num_images
     seeds = [args.seed + i for i in range(args.num_images)]
     init, strength = None, 1.0
@@ -74,7 +67,7 @@ def main(argv=None):
         init = from_pil(Image.open(args.init_image).resize(size, Image.BICUBIC),
                         config.in_channels).expand(args.num_images, -1, -1, -1)
         strength = args.strength
-    bar = tqdm(total=steps, desc="sampling")
+    bar = tqdm(total=settings["num_inference_steps"], desc="sampling")
     try:
         images = pipeline.generate(prompts, seeds, init_images=init, strength=strength,
                                    callback=lambda i, t, x: bar.update(1), **settings)

@@ -80,12 +80,7 @@ def main(argv=None):
     if args.untrained:
         torch.manual_seed(config.seed)
         pipeline = AdvancedDiffusionPipeline(config)
-    settings = {
-        "num_inference_steps": args.steps or config.num_inference_steps,
-        "guidance_scale": config.guidance_scale if args.guidance_scale is None
-        else args.guidance_scale,
-        "sampler": args.sampler or config.sampler,
-    }
+    settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
     start = time.perf_counter()
     images, prompts = sample_all_captions(pipeline, args.seeds, batch_size=args.batch_size,
                                           **settings)

@@ -164,6 +164,21 @@ class AdvancedDiffusionPipeline:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int in "
                              f"[1, num_train_timesteps={T}]")
 
+    def settings(self, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, sampler: str | None = None,
+                 eta: float | None = None, guidance_rescale: float | None = None) -> dict:
+        """Sampling settings with every None replaced by the config's value."""
+        cfg = self.config
+        return {
+            "num_inference_steps": cfg.num_inference_steps if num_inference_steps is None
+            else num_inference_steps,
+            "guidance_scale": cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            "sampler": sampler or cfg.sampler,
+            "eta": cfg.eta if eta is None else eta,
+            "guidance_rescale": cfg.guidance_rescale if guidance_rescale is None
+            else guidance_rescale,
+        }
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]):
         encoder = self._on_device(self.text_encoder)
@@ -173,8 +188,8 @@ class AdvancedDiffusionPipeline:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
-                 negative_prompt: str | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, height: int | None = None,
+                 negative_prompt: str | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, sampler: str | None = None,
                  eta: float | None = None, init_images: torch.Tensor | None = None,
                  strength: float = 1.0, guidance_rescale: float | None = None,
@@ -196,9 +211,11 @@ class AdvancedDiffusionPipeline:
         height = cfg.sample_size if height is None else height
         width = cfg.sample_size if width is None else width
         self._check_size(height, width)
+        resolved = self.settings(num_inference_steps, guidance_scale, sampler, eta,
+                                 guidance_rescale)
+        num_inference_steps = resolved["num_inference_steps"]
         self._check_steps(num_inference_steps)
-        sampler = check_sampler(sampler or cfg.sampler)
-        eta = cfg.eta if eta is None else eta
+        sampler = check_sampler(resolved["sampler"])
         shape = (1, cfg.in_channels, height, width)
         x_T = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(self.device)
@@ -216,11 +233,11 @@ class AdvancedDiffusionPipeline:
         def denoise(x, t, context, mask):
             return unet(x, t, context, mask)["sample"].float()
 
-        rescale = cfg.guidance_rescale if guidance_rescale is None else guidance_rescale
-        model_fn = guided_model_fn(denoise, cond, uncond, guidance_scale,
-                                   guidance_rescale=rescale, batched=self._batched_guidance)
+        model_fn = guided_model_fn(denoise, cond, uncond, resolved["guidance_scale"],
+                                   guidance_rescale=resolved["guidance_rescale"],
+                                   batched=self._batched_guidance)
         x0 = sample(model_fn, self.scheduler, x_T, sampler=sampler,
-                    num_inference_steps=num_inference_steps, eta=eta,
+                    num_inference_steps=num_inference_steps, eta=resolved["eta"],
                     generator=torch.Generator().manual_seed(int(seeds[0])), callback=callback,
                     timesteps=timesteps)
         self._off_device(unet)

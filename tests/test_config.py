@@ -3,20 +3,9 @@
 import dataclasses
 
 import pytest
+from helpers import GUIDE_DEFAULTS
 
 from diffusion import DiffusionConfig, config_reference, parse_overrides
-
-# The guide's DiffusionConfig call, field by field (advanced-diffusion-guide.md, Core Components).
-GUIDE_DEFAULTS = dict(
-    in_channels=3, out_channels=3, model_channels=128, num_res_blocks=2,
-    attention_resolutions=(8, 16), dropout=0.1, channel_mult=(1, 2, 4, 8), num_heads=8,
-    use_spatial_transformer=True, transformer_depth=1, context_dim=768,
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-    prediction_type="epsilon", learning_rate=1e-4, weight_decay=0.01, max_grad_norm=1.0,
-    mixed_precision=True, gradient_checkpointing=True, use_ema=True, ema_decay=0.9999,
-    loss_type="l2", snr_gamma=5.0, v_prediction=False, num_inference_steps=50,
-    guidance_scale=7.5, eta=0.0,
-)
 
 
 def test_guide_defaults():
