@@ -1,0 +1,50 @@
+"""The whole stack in one test: train a micro text-conditioned model on ShapesDataset from
+scratch, sample every caption, and check with the shapes checker that the images follow the
+prompts' colours far above chance (the text encoder, cross-attention, CFG training and the
+sampler all have to work for that)."""
+
+import torch
+
+from diffusion import (
+    AdvancedDiffusionTrainer,
+    DiffusionConfig,
+    GlobalBatchSampler,
+    ShapesDataset,
+    all_captions,
+    collate,
+    shapes_adherence,
+)
+from nets import AdvancedUNet
+from sampling import AdvancedDiffusionPipeline
+from sampling.evaluate import shuffled
+
+STEPS = 300  # measured: colour adherence 0.90 after 300 steps (chance 1/6); ~2 min on 2 cores
+SEEDS = (0, 1)
+
+
+def test_micro_model_follows_prompt_colours():
+    config = DiffusionConfig(
+        sample_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(8,), num_heads=4, context_dim=64, text_encoder_width=64,
+        text_encoder_layers=1, dropout=0.0, prediction_type="v_prediction",
+        beta_schedule="cosine", learning_rate=2e-3, lr_warmup_steps=50, max_steps=STEPS,
+        batch_size=32, mixed_precision="no", gradient_checkpointing=False, use_ema=True,
+        ema_decay=0.99, cfg_dropout=0.1)
+    torch.manual_seed(0)
+    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config)
+    data = ShapesDataset(size=STEPS * config.batch_size, sample_size=16, seed=0)
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=GlobalBatchSampler(len(data), config.batch_size), collate_fn=collate)
+    for batch in loader:
+        trainer.train_step(batch)
+    assert trainer.global_step == STEPS
+    prompts = [c for c in all_captions() for _ in SEEDS]
+    with trainer.ema_weights():
+        pipeline = AdvancedDiffusionPipeline(config, trainer.model, trainer.text_encoder)
+        images = pipeline.generate(prompts, list(SEEDS) * len(all_captions()),
+                                   num_inference_steps=10, guidance_scale=3.0)
+    result = shapes_adherence(images * 2 - 1, prompts)
+    assert result["colour"] > 3 * result["chance_colour"], result
+    # control: the same images scored against shuffled prompts sit near chance
+    control = shapes_adherence(images * 2 - 1, shuffled(prompts))
+    assert control["colour"] < 2 * control["chance_colour"], control
