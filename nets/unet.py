@@ -100,7 +100,7 @@ class DownBlock(_Checkpointed):
                 x = self._call(self.attentions[k], x, context, key_padding_mask)
             skips.append(x)
         if self.downsample is not None:
-            x = self._call(self.downsample, x)
+            x = self.downsample(x)  # a single conv: checkpointing it would save nothing
             skips.append(x)
         return x, skips
 
@@ -136,7 +136,7 @@ class UpBlock(_Checkpointed):
             if self.attentions:
                 x = self._call(self.attentions[k], x, context, key_padding_mask)
         if self.upsample is not None:
-            x = self._call(self.upsample, x)
+            x = self.upsample(x)
         return x
 
 
@@ -245,8 +245,9 @@ class UNet(nn.Module):
         return [*self.down_blocks, self.mid_block, *self.up_blocks]
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each ResBlock / attention / resampler in the backward pass instead of
-        storing its activations (torch.utils.checkpoint, non-reentrant)."""
+        """Recompute each ResBlock and attention block in the backward pass instead of
+        storing its activations (torch.utils.checkpoint, non-reentrant): only block inputs
+        and skip connections stay in memory."""
         for block in self._level_blocks():
             block.gradient_checkpointing = True
 

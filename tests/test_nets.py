@@ -280,8 +280,7 @@ def test_bf16_autocast_close_to_fp32(force_low_precision):
     if emulated and not force_low_precision:  # the documented fp32 fallback
         assert any("emulated on this CPU" in str(w.message) for w in caught)
         torch.testing.assert_close(out, ref)
-    else:  # the real bf16 path: ~3 significant digits
-        assert out.dtype == torch.bfloat16 or out.dtype == torch.float32
+    else:  # the real bf16 path: ~3 significant digits, but not fp32's
         rel = (out.float() - ref).norm() / ref.norm()
         assert 1e-5 < rel < 0.05, rel
 
