@@ -157,13 +157,6 @@ class AdvancedDiffusionPipeline:
                 raise ValueError(f"{name}={value!r} must be a positive multiple of the "
                                  f"network's total downsampling {factor}")
 
-    def _check_steps(self, num_inference_steps) -> None:
-        T = self.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int in "
-                             f"[1, num_train_timesteps={T}]")
-
     def settings(self, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, sampler: str | None = None,
                  eta: float | None = None, guidance_rescale: float | None = None) -> dict:
@@ -214,14 +207,13 @@ class AdvancedDiffusionPipeline:
         resolved = self.settings(num_inference_steps, guidance_scale, sampler, eta,
                                  guidance_rescale)
         num_inference_steps = resolved["num_inference_steps"]
-        self._check_steps(num_inference_steps)
+        self.scheduler.set_timesteps(num_inference_steps)  # also validates the step count
         sampler = check_sampler(resolved["sampler"])
         shape = (1, cfg.in_channels, height, width)
         x_T = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(self.device)
         timesteps = None
         if init_images is not None and strength < 1:
-            self.scheduler.set_timesteps(num_inference_steps)
             timesteps = self.scheduler.img2img_timesteps(strength)
             if len(timesteps) == 0:
                 return decode_latents(init_images)
