@@ -131,6 +131,9 @@ class DiffusionConfig:
                               low=1)
     use_scale_shift_norm: bool = _field(
         True, "Timestep conditioning as GroupNorm scale-shift (else added to features).")
+    pooled_text_conditioning: bool = _field(
+        False, "Also add the prompt's mean text state, projected, to the timestep embedding "
+        "so every ResBlock sees the prompt (Imagen's pooled embedding).")
     text_encoder_layers: int = _field(2, "Transformer layers of the text encoder.", low=0)
     text_encoder_width: int = _field(256, "Width of the text encoder.", low=1)
     max_text_length: int = _field(77, "Tokens per prompt, BOS and EOS included.", low=2)
@@ -225,6 +228,9 @@ class DiffusionConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must hold positive ints")
         if not self.channel_mult:
             raise ValueError("channel_mult=() must have at least one level")
+        if self.pooled_text_conditioning and not self.use_spatial_transformer:
+            raise ValueError("pooled_text_conditioning=True needs use_spatial_transformer=True "
+                             "(a model without text input has no prompt to pool)")
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("dataset='folder' needs data_dir (the image folder); got None")
         return self

@@ -23,6 +23,7 @@ from .unet import (
     UpBlock,
     attention_levels_for,
     cpu_has_fast_low_precision,
+    masked_mean,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "attention_levels_for",
     "cpu_has_fast_low_precision",
     "explicit_attention",
+    "masked_mean",
     "norm_groups",
     "timestep_embedding",
     "timesteps_as_batch",

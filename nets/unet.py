@@ -140,6 +140,15 @@ class UpBlock(_Checkpointed):
         return x
 
 
+def masked_mean(context, key_padding_mask):
+    """Mean over the real tokens: context (B, M, D), key_padding_mask (B, M) bool (True = real)
+    or None (all real) -> (B, D)."""
+    if key_padding_mask is None:
+        return context.mean(dim=1)
+    weights = key_padding_mask.to(context.dtype)[..., None]  # (B, M, 1)
+    return (context * weights).sum(dim=1) / weights.sum(dim=1)
+
+
 class UNet(nn.Module):
     """Timestep- and text-conditioned UNet; see the module docstring for the layout.
 
@@ -152,7 +161,8 @@ class UNet(nn.Module):
                  num_res_blocks: int = 2, attention_levels=(), dropout: float = 0.0,
                  channel_mult=(1, 2, 4, 8), num_heads: int = 8,
                  use_spatial_transformer: bool = True, transformer_depth: int = 1,
-                 context_dim: int | None = 768, use_scale_shift_norm: bool = True):
+                 context_dim: int | None = 768, use_scale_shift_norm: bool = True,
+                 pooled_text: bool = False):
         super().__init__()
         num_levels = len(channel_mult)
         widths = [model_channels * m for m in channel_mult]
@@ -167,6 +177,9 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_levels = num_levels
         self.attention_levels = tuple(sorted(set(attention_levels)))
+        if pooled_text and not use_spatial_transformer:
+            raise ValueError("pooled_text=True needs use_spatial_transformer=True (a model "
+                             "without text input has no prompt to pool)")
         self.context_dim = context_dim if use_spatial_transformer else None
         emb_dim = TIME_EMBED_MULT * model_channels
 
@@ -180,6 +193,10 @@ class UNet(nn.Module):
             return AttentionBlock(channels, num_heads)
 
         self.time_embedding = TimestepEmbedding(model_channels, emb_dim)
+        # Optional: the prompt's mean text state, projected, is added to the timestep
+        # embedding (Imagen's pooled text embedding, Saharia et al. 2022), so every ResBlock
+        # is conditioned on the prompt, not only the attention levels.
+        self.text_pool_proj = nn.Linear(context_dim, emb_dim) if pooled_text else None
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         skip_widths = [model_channels]
@@ -229,7 +246,8 @@ class UNet(nn.Module):
             channel_mult=tuple(config.channel_mult), num_heads=config.num_heads,
             use_spatial_transformer=config.use_spatial_transformer,
             transformer_depth=config.transformer_depth, context_dim=config.context_dim,
-            use_scale_shift_norm=config.use_scale_shift_norm)
+            use_scale_shift_norm=config.use_scale_shift_norm,
+            pooled_text=config.pooled_text_conditioning)
 
     @property
     def downsampling_factor(self) -> int:
@@ -371,6 +389,8 @@ class UNet(nn.Module):
         key_padding_mask = self._check_inputs(sample, context, key_padding_mask)
         timesteps = timesteps_as_batch(timestep, sample.shape[0], sample.device)
         emb = self.time_embedding(timesteps)  # (B, 4 * model_channels)
+        if self.text_pool_proj is not None:
+            emb = emb + self.text_pool_proj(masked_mean(context, key_padding_mask))
 
         h = self.conv_in(sample)  # (B, model_channels, H, W)
         skips = [h]

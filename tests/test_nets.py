@@ -19,6 +19,7 @@ from nets import (
     attention,
     cpu_has_fast_low_precision,
     explicit_attention,
+    masked_mean,
     norm_groups,
     timestep_embedding,
 )
@@ -132,8 +133,9 @@ def test_norm_groups_rule():
 
 # ---- gradients and initialisation ----
 
-def test_every_parameter_gets_a_finite_nonzero_gradient():
-    model = build(attention_resolutions=(16, 8), dropout=0.1)
+@pytest.mark.parametrize("pooled", [False, True])
+def test_every_parameter_gets_a_finite_nonzero_gradient(pooled):
+    model = build(attention_resolutions=(16, 8), dropout=0.1, pooled_text_conditioning=pooled)
     randomize(model)  # at init the zeroed output conv blocks every other gradient
     x, t, context = inputs(model.config)
     run(model, x, t, context).square().mean().backward()
@@ -230,9 +232,11 @@ def test_slicing_and_backends_do_not_change_the_unet():
         torch.testing.assert_close(run(model, x, t, context, mask), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_tokens_have_no_effect():
+@pytest.mark.parametrize("pooled", [False, True])
+def test_padding_tokens_have_no_effect(pooled):
     config = tiny_config(attention_resolutions=(16, 8), context_dim=32,
-                         text_encoder_width=32, text_encoder_layers=1, max_text_length=12)
+                         text_encoder_width=32, text_encoder_layers=1, max_text_length=12,
+                         pooled_text_conditioning=pooled)
     torch.manual_seed(0)
     model = AdvancedUNet(config)
     encoder = TextEncoder.from_config(config)
@@ -248,6 +252,31 @@ def test_padding_tokens_have_no_effect():
         torch.testing.assert_close(run(model, x, t, changed, mask), ref, atol=1e-6, rtol=0)
         unmasked = run(model, x, t, changed)  # without the mask the padding does matter
     assert not torch.allclose(unmasked, ref, atol=1e-3)
+
+
+def test_masked_mean_oracle():
+    context = torch.arange(12.0).reshape(1, 4, 3).repeat(2, 1, 1)  # rows 0-2, 3-5, ...
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    torch.testing.assert_close(masked_mean(context, mask),
+                               torch.tensor([[1.5, 2.5, 3.5], [4.5, 5.5, 6.5]]))
+    torch.testing.assert_close(masked_mean(context, None), masked_mean(context, mask[[1, 1]]))
+
+
+def test_pooled_text_conditioning_reaches_a_level_without_attention():
+    """With the pooled embedding, a prompt changes a model whose attention is only in the mid
+    block through the ResBlocks too: the output moves even with cross-attention zeroed."""
+    outputs = {}
+    for pooled in (False, True):
+        model = build(attention_resolutions=(), pooled_text_conditioning=pooled)
+        randomize(model)
+        for module in model.modules():
+            if isinstance(module, CrossAttention) and module.is_cross_attention:
+                module.to_out[0].weight.data.zero_()  # cut the cross-attention path
+        x, t, context = inputs(model.config)
+        with torch.no_grad():
+            outputs[pooled] = (run(model, x, t, context), run(model, x, t, context + 1.0))
+    assert torch.equal(*outputs[False])  # only cross-attention carried the prompt
+    assert not torch.allclose(*outputs[True], atol=1e-4)
 
 
 # ---- memory formats and precision ----
@@ -372,6 +401,11 @@ def test_bad_construction_raises_clear_errors():
         build().unet.set_attention_slice(0)
     with pytest.raises(ValueError, match="backend='xformers'"):
         build().unet.set_attention_backend("xformers")
+    with pytest.raises(ValueError, match="pooled_text=True needs use_spatial_transformer"):
+        UNet(model_channels=8, channel_mult=(1,), num_heads=2, use_spatial_transformer=False,
+             pooled_text=True)
+    with pytest.raises(ValueError, match="pooled_text_conditioning=True needs"):
+        build(use_spatial_transformer=False, pooled_text_conditioning=True)
     with pytest.raises(ValueError, match=r"attention_levels=\(2,\)"):
         UNet(model_channels=8, channel_mult=(1, 2), num_heads=2, attention_levels=(2,))
     with pytest.raises(ValueError, match="context width"):
