@@ -39,6 +39,8 @@ def parse_args(argv=None):
                         help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
     parser.add_argument("--eta", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to sample (default: cuda when available, else cpu)")
     parser.add_argument("--no-ema", action="store_true", help="use the trained, not EMA, weights")
     parser.add_argument("--init-image", help="image-to-image: the starting image")
     parser.add_argument("--strength", type=float, default=0.8)
@@ -49,8 +51,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        pipeline = AdvancedDiffusionPipeline.from_checkpoint(args.checkpoint,
-                                                             use_ema=not args.no_ema)
+        pipeline = AdvancedDiffusionPipeline.from_checkpoint(
+            args.checkpoint, use_ema=not args.no_ema, device=args.device)
     except CheckpointError as err:
         sys.exit(f"sample.py: {err}")
     config = pipeline.config

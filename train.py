@@ -154,6 +154,8 @@ def main(argv=None):
         print(f"global batch {config.batch_size * world * config.gradient_accumulation_steps} "
               f"= batch_size {config.batch_size} x {world} processes x "
               f"{config.gradient_accumulation_steps} accumulation steps", file=sys.stderr)
+        backend = f", backend {dist.get_backend()}" if dist.is_initialized() else ""
+        print(f"training on {device}{backend}", file=sys.stderr)
 
     def checkpoint():
         if is_main:
