@@ -4,6 +4,7 @@ shape.
 
     python -m sampling.evaluate --checkpoint runs/shapes/last.pt [--seeds 10] [--steps 25]
         [--guidance-scale G] [--sampler S] [--shuffle-prompts] [--untrained] [--grid out.png]
+        [--grid-seeds N] [--device cuda|cpu]
 
 Prints a table (measured next to chance) and one JSON line. Two controls make sure the
 checker cannot be satisfied by anything: `--untrained` samples a freshly initialised model of
@@ -19,6 +20,7 @@ import time
 import torch
 
 from diffusion import CheckpointError, all_captions, shapes_adherence
+from diffusion.data import SHAPES
 
 from .pipeline import AdvancedDiffusionPipeline, make_grid
 
@@ -60,26 +62,30 @@ def parse_args(argv=None):
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to sample (default: cuda when available, else cpu)")
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--shuffle-prompts", action="store_true",
                         help="control: score against shuffled prompts")
     parser.add_argument("--untrained", action="store_true",
                         help="control: a freshly initialised model of the same config")
     parser.add_argument("--grid", help="also save the images as a grid PNG")
+    parser.add_argument("--grid-seeds", type=int, default=None,
+                        help="put only seeds 0..N-1 of each caption in the grid (default: all)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        pipeline = AdvancedDiffusionPipeline.from_checkpoint(args.checkpoint,
-                                                             use_ema=not args.no_ema)
+        pipeline = AdvancedDiffusionPipeline.from_checkpoint(
+            args.checkpoint, use_ema=not args.no_ema, device=args.device)
     except CheckpointError as err:
         sys.exit(f"evaluate: {err}")
     config = pipeline.config
     if args.untrained:
         torch.manual_seed(config.seed)
-        pipeline = AdvancedDiffusionPipeline(config)
+        pipeline = AdvancedDiffusionPipeline(config, device=args.device)
     settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
     start = time.perf_counter()
     images, prompts = sample_all_captions(pipeline, args.seeds, batch_size=args.batch_size,
@@ -95,7 +101,10 @@ def main(argv=None):
                **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
     print(json.dumps(summary))
     if args.grid:
-        make_grid(images, prompts, columns=args.seeds * 4).save(args.grid)
+        keep = min(args.grid_seeds or args.seeds, args.seeds)
+        picked = [i for i in range(len(prompts)) if i % args.seeds < keep]  # caption-major
+        make_grid(images[picked], [prompts[i] for i in picked],
+                  columns=keep * len(SHAPES)).save(args.grid)
     return 0
 
 

@@ -278,3 +278,40 @@ def test_from_checkpoint_uses_ema_weights(checkpoint):
                        state["ema"]["shadow"][name])
     assert torch.equal(dict(raw.unet.named_parameters())["unet.conv_in.weight"],
                        state["model"]["unet.conv_in.weight"])
+
+
+# ---- python -m sampling.evaluate ----
+
+def evaluate_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sampling.evaluate", *map(str, args)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_prints_table_and_json_and_saves_a_grid(checkpoint, tmp_path):
+    grid = tmp_path / "grid.png"
+    result = evaluate_cli("--checkpoint", checkpoint, "--seeds", 2, "--steps", 2,
+                          "--grid", grid, "--grid-seeds", 1, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split() == ["adherence", "measured", "chance"]
+    assert [line.split()[0] for line in lines[1:4]] == ["colour", "shape", "both"]
+    summary = json.loads(lines[-1])
+    assert summary["n"] == summary["images"] == 48 and summary["seeds_per_caption"] == 2
+    assert summary["chance_both"] == pytest.approx(1 / 24)
+    assert 0 <= summary["both"] <= min(summary["colour"], summary["shape"]) <= 1
+    # --grid-seeds 1: one seed per caption, one colour per row of 4 shapes
+    cells = Image.open(grid).size
+    two = tmp_path / "two.png"
+    assert evaluate_cli("--checkpoint", checkpoint, "--seeds", 2, "--steps", 2,
+                        "--grid", two).returncode == 0
+    assert Image.open(two).size[0] == 2 * cells[0] and Image.open(two).size[1] == cells[1]
+
+
+def test_evaluate_controls_and_errors(checkpoint, tmp_path):
+    for flag in ("--untrained", "--shuffle-prompts"):
+        result = evaluate_cli("--checkpoint", checkpoint, "--seeds", 1, "--steps", 2, flag)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert summary["untrained" if flag == "--untrained" else "shuffle_prompts"] is True
+    bad = evaluate_cli("--checkpoint", tmp_path / "nope.pt")
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
