@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from diffusion import CheckpointError
 from sampling import SAMPLERS, AdvancedDiffusionPipeline, from_pil, make_grid, to_pil
+from sampling.pipeline import add_device_argument
 
 
 def parse_args(argv=None):
@@ -39,8 +40,7 @@ def parse_args(argv=None):
                         help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
     parser.add_argument("--eta", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to sample (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--no-ema", action="store_true", help="use the trained, not EMA, weights")
     parser.add_argument("--init-image", help="image-to-image: the starting image")
     parser.add_argument("--strength", type=float, default=0.8)

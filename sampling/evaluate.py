@@ -22,7 +22,7 @@ import torch
 from diffusion import CheckpointError, all_captions, shapes_adherence
 from diffusion.data import SHAPES
 
-from .pipeline import AdvancedDiffusionPipeline, make_grid
+from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid
 
 SHUFFLE_SEED = 12345
 
@@ -54,23 +54,29 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive int")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--seeds", type=int, default=10, help="images per caption")
+    parser.add_argument("--seeds", type=positive_int, default=10, help="images per caption")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--batch-size", type=int, default=48)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to sample (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--shuffle-prompts", action="store_true",
                         help="control: score against shuffled prompts")
     parser.add_argument("--untrained", action="store_true",
                         help="control: a freshly initialised model of the same config")
     parser.add_argument("--grid", help="also save the images as a grid PNG")
-    parser.add_argument("--grid-seeds", type=int, default=None,
+    parser.add_argument("--grid-seeds", type=positive_int, default=None,
                         help="put only seeds 0..N-1 of each caption in the grid (default: all)")
     return parser.parse_args(argv)
 
@@ -101,7 +107,7 @@ def main(argv=None):
                **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
     print(json.dumps(summary))
     if args.grid:
-        keep = min(args.grid_seeds or args.seeds, args.seeds)
+        keep = min(args.grid_seeds or args.seeds, args.seeds)  # the grid shows scored images
         picked = [i for i in range(len(prompts)) if i % args.seeds < keep]  # caption-major
         make_grid(images[picked], [prompts[i] for i in picked],
                   columns=keep * len(SHAPES)).save(args.grid)

@@ -5,6 +5,7 @@ This codebase works in pixel space: there is no VAE, "latents" are the images th
 [-1, 1], and `decode_latents` only rescales them to [0, 1].
 """
 
+import argparse
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,33 @@ from .samplers import check_sampler, guided_model_fn, sample
 CAPTION_HEIGHT = 12  # pixels of caption text under each grid cell
 GRID_PAD = 2
 CAPTION_WIDTH = 96  # room for about 16 characters of the default PIL font
+
+
+def add_device_argument(parser) -> None:
+    """The scripts' `--device`: cuda when this machine has a GPU, else cpu."""
+    def device_type(name):
+        try:
+            return parse_device(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parser.add_argument("--device", type=device_type,
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to sample (default: cuda when available, else cpu)")
+
+
+def parse_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError naming what is allowed."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: this machine has no CUDA GPU; use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}: only 'cpu' and 'cuda' are supported")
+    return device
 
 
 def decode_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from PIL import Image
 from diffusion import CheckpointError
 from nets import AdvancedUNet, TextEncoder
 from sampling import AdvancedDiffusionPipeline, guided_model_fn
+from sampling.pipeline import parse_device
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -315,3 +316,18 @@ def test_evaluate_controls_and_errors(checkpoint, tmp_path):
         assert summary["untrained" if flag == "--untrained" else "shuffle_prompts"] is True
     bad = evaluate_cli("--checkpoint", tmp_path / "nope.pt")
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+    bad = evaluate_cli("--checkpoint", checkpoint, "--seeds", 0)
+    assert bad.returncode != 0 and "--seeds: 0 must be a positive int" in bad.stderr
+    bad = evaluate_cli("--checkpoint", checkpoint, "--device", "gpu")
+    assert bad.returncode != 0 and "device='gpu' is not a device" in bad.stderr
+
+
+def test_parse_device():
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device='gpu' is not a device; use 'cpu', 'cuda'"):
+        parse_device("gpu")
+    with pytest.raises(ValueError, match="only 'cpu' and 'cuda'"):
+        parse_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': this machine has no CUDA GPU"):
+            parse_device("cuda")
