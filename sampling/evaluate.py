@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from diffusion import CheckpointError, all_captions, shapes_adherence
-from diffusion.data import SHAPES
+from diffusion import SHAPES, CheckpointError, all_captions, shapes_adherence
 
 from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid
 

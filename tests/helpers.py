@@ -1,4 +1,7 @@
-"""Small shared pieces of the tests: a tiny configuration that trains in milliseconds."""
+"""Small shared pieces of the tests: a tiny configuration that trains in milliseconds, and a
+way to give a model non-zero weights."""
+
+import torch
 
 from diffusion import DiffusionConfig
 
@@ -25,3 +28,11 @@ GUIDE_DEFAULTS = dict(
 
 def tiny_config(**overrides) -> DiffusionConfig:
     return DiffusionConfig(**{**TINY, **overrides})
+
+
+def randomize(model: torch.nn.Module, seed=1) -> None:
+    """Overwrite every parameter with noise, so zero-initialised layers do not hide paths."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)

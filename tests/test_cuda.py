@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import randomize, tiny_config
 
 from diffusion import AdvancedDiffusionTrainer, ShapesDataset, collate
 from nets import AdvancedUNet, TextEncoder, attention, explicit_attention
@@ -40,10 +40,7 @@ def randomized_model(**overrides):
     torch.manual_seed(0)
     config = tiny_config(attention_resolutions=(16, 8), **overrides)
     model, encoder = AdvancedUNet(config), TextEncoder.from_config(config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # zero-initialised layers would hide whole paths
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    randomize(model)  # zero-initialised layers would hide whole paths
     return config, model, encoder
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize
 
 from diffusion import DiffusionConfig
 from nets import (
@@ -48,14 +49,6 @@ def tiny_config(**overrides) -> DiffusionConfig:
 def build(seed=0, **overrides) -> AdvancedUNet:
     torch.manual_seed(seed)
     return AdvancedUNet(tiny_config(**overrides))
-
-
-def randomize(model: torch.nn.Module, seed=1) -> None:
-    """Overwrite every parameter with noise, so zero-initialised layers do not hide paths."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def inputs(config, batch=2, height=None, width=None, length=7, seed=0):
