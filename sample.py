@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffusion import CheckpointError
+from nets import keep_freed_memory
 from sampling import SAMPLERS, AdvancedDiffusionPipeline, from_pil, make_grid, to_pil
 from sampling.pipeline import add_device_argument
 
@@ -50,6 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_memory()
     try:
         pipeline = AdvancedDiffusionPipeline.from_checkpoint(
             args.checkpoint, use_ema=not args.no_ema, device=args.device)

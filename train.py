@@ -31,7 +31,7 @@ from diffusion.checkpoint import (
 )
 from diffusion.data import all_captions, build_dataset, collate
 from diffusion.trainer import AdvancedDiffusionTrainer, GlobalBatchSampler
-from nets import AdvancedUNet
+from nets import AdvancedUNet, keep_freed_memory
 from sampling import AdvancedDiffusionPipeline, make_grid
 
 SAMPLE_CAPTION_STRIDE = 3  # every third caption: a mix of colours and shapes
@@ -123,6 +123,7 @@ def main(argv=None):
         config = load_config(args)
     except (ValueError, TypeError, OSError) as err:  # bad config or --set: say it, no traceback
         sys.exit(f"train.py: {err}")
+    keep_freed_memory()  # reuse freed gradients and activations instead of re-faulting them
     rank, world, device = setup_distributed()
     is_main = rank == 0
     run_dir = Path(config.output_dir)

@@ -13,6 +13,7 @@ from .attention import (
     explicit_attention,
 )
 from .blocks import Downsample, Dropout, Normalize, ResBlock, Upsample, norm_groups
+from .cpu import Conv2d, Linear, PrepackedWeight, keep_freed_memory
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_as_batch
 from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock
 from .unet import (
@@ -32,14 +33,17 @@ __all__ = [
     "AttentionBlock",
     "BasicTransformerBlock",
     "ByteTokenizer",
+    "Conv2d",
     "CrossAttention",
     "DownBlock",
     "Downsample",
     "Dropout",
     "FeedForward",
     "GEGLU",
+    "Linear",
     "MidBlock",
     "Normalize",
+    "PrepackedWeight",
     "ResBlock",
     "SpatialTransformer",
     "TextEncoder",
@@ -52,6 +56,7 @@ __all__ = [
     "attention_levels_for",
     "cpu_has_fast_low_precision",
     "explicit_attention",
+    "keep_freed_memory",
     "masked_mean",
     "norm_groups",
     "timestep_embedding",

@@ -32,6 +32,7 @@ from .attention import (
     check_slice_size,
 )
 from .blocks import Downsample, Normalize, ResBlock, Upsample
+from .cpu import Conv2d, Linear, memory_format_of
 from .embeddings import TimestepEmbedding, timesteps_as_batch
 
 TIME_EMBED_MULT = 4  # timestep-embedding width / model_channels (guided-diffusion)
@@ -196,8 +197,8 @@ class UNet(nn.Module):
         # Optional: the prompt's mean text state, projected, is added to the timestep
         # embedding (Imagen's pooled text embedding, Saharia et al. 2022), so every ResBlock
         # is conditioned on the prompt, not only the attention levels.
-        self.text_pool_proj = nn.Linear(context_dim, emb_dim) if pooled_text else None
-        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.text_pool_proj = Linear(context_dim, emb_dim) if pooled_text else None
+        self.conv_in = Conv2d(in_channels, model_channels, 3, padding=1)
 
         skip_widths = [model_channels]
         ch = model_channels
@@ -232,7 +233,7 @@ class UNet(nn.Module):
 
         self.norm_out = Normalize(ch)
         self.act_out = nn.SiLU()
-        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)  # zero-initialised
+        self.conv_out = Conv2d(ch, out_channels, 3, padding=1)  # zero-initialised
 
     @classmethod
     def from_config(cls, config) -> "UNet":
@@ -368,6 +369,15 @@ class UNet(nn.Module):
     # one warning): same numbers as fp32, never the 4-100x slowdown. Set to False to force
     # the emulated low-precision path (the tests do, to check it).
     fp32_when_cpu_autocast_is_slow = True
+    # CPU inference (no autograd, fp32) runs in channels_last inside the network and returns
+    # the input's memory format: with the prepacked convolutions (nets.cpu.Conv2d) oneDNN then
+    # reads and writes the activations in place, without converting them around every conv.
+    channels_last_cpu_inference = True
+
+    def _runs_channels_last(self, sample) -> bool:
+        return (self.channels_last_cpu_inference and Conv2d.prepack_for_inference
+                and not torch.is_grad_enabled() and sample.device.type == "cpu"
+                and sample.dtype == torch.float32 and not torch.compiler.is_compiling())
 
     def forward(self, sample, timestep, context=None, key_padding_mask=None):
         if (self.fp32_when_cpu_autocast_is_slow and isinstance(sample, torch.Tensor)
@@ -392,6 +402,10 @@ class UNet(nn.Module):
         if self.text_pool_proj is not None:
             emb = emb + self.text_pool_proj(masked_mean(context, key_padding_mask))
 
+        channels_last = self._runs_channels_last(sample)
+        if channels_last:
+            input_format = memory_format_of(sample)
+            sample = sample.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(sample)  # (B, model_channels, H, W)
         skips = [h]
         for block in self.down_blocks:
@@ -400,7 +414,8 @@ class UNet(nn.Module):
         h = self.mid_block(h, emb, context, key_padding_mask)
         for block in self.up_blocks:
             h = block(h, skips, emb, context, key_padding_mask)
-        return self.conv_out(self.act_out(self.norm_out(h)))  # (B, out_channels, H, W)
+        out = self.conv_out(self.act_out(self.norm_out(h)))  # (B, out_channels, H, W)
+        return out.contiguous(memory_format=input_format) if channels_last else out
 
 
 class AdvancedUNet(nn.Module):

@@ -20,6 +20,7 @@ import time
 import torch
 
 from diffusion import SHAPES, CheckpointError, all_captions, shapes_adherence
+from nets import keep_freed_memory
 
 from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid
 
@@ -82,6 +83,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_memory()
     try:
         pipeline = AdvancedDiffusionPipeline.from_checkpoint(
             args.checkpoint, use_ema=not args.no_ema, device=args.device)

@@ -1,6 +1,7 @@
 """Speed and memory of the UNet at the guide's two configurations; prints JSON.
 
     python tests/benchmarks/bench_unet.py [--configs small default] [--compile] [--repeats 7]
+                                          [--no-memory] [--default-malloc]
 
 `--compile` also times torch.compile (training and inference) and inference compiled with
 inductor's `freezing` (weights as constants, pre-packed for oneDNN; for inference only).
@@ -15,8 +16,13 @@ Method (a benchmark, not a test: nothing here asserts anything about time):
   num_res_blocks 1, 4 heads, context_dim 256) at 32x32 with attention_resolutions (16,),
   batch 8; "default" is the guide's DiffusionConfig defaults at 64x64, batch 2. Context
   length 77 (all tokens real). Dropout is the config's (0.1 in both), active in training.
-- inference: eval mode under torch.no_grad. train: train mode, zero_grad(set_to_none=True),
-  forward, MSE loss, backward (no optimizer step).
+- inference: eval mode under torch.no_grad, so the convolutions and linear layers use weights
+  prepacked for oneDNN and the UNet runs in channels_last inside (nets/cpu.py);
+  `inference_unpacked_ms` turns that off (plain eager layers, NCHW) for comparison. train:
+  train mode, zero_grad(set_to_none=True), forward, MSE loss, backward (no optimizer step).
+- the timing process calls nets.keep_freed_memory() first, as train.py and sample.py do
+  (`--default-malloc` leaves glibc's defaults, under which every buffer above 32 MiB is
+  mmapped and page-faulted in again on each step).
 - FLOPs: torch.utils.flop_counter counts convolutions and matmuls but not the CPU's fused
   SDPA kernel, so attention adds 4 B N M (h d) per layer forward (Q K^T and P V, 2 FLOPs per
   multiply-add) and twice that backward, recorded by hooks on every attention layer. The
@@ -48,7 +54,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffusion import DiffusionConfig  # noqa: E402
-from nets import AdvancedUNet, CrossAttention, cpu_has_fast_low_precision  # noqa: E402
+from nets import (  # noqa: E402
+    AdvancedUNet,
+    CrossAttention,
+    PrepackedWeight,
+    cpu_has_fast_low_precision,
+    keep_freed_memory,
+)
 
 THREADS = 2
 WARMUP = 2
@@ -129,7 +141,19 @@ def count_flops(model, inputs, backward):
 
 
 def flops(model, inputs):
-    """Useful FLOPs of inference and of forward + backward, plus the explicit-path check."""
+    """Useful FLOPs of inference and of forward + backward, plus the explicit-path check.
+
+    Counted on the plain layers: FlopCounterMode does not see the oneDNN ops that the
+    prepacked inference layers call; they do the same multiply-adds.
+    """
+    PrepackedWeight.prepack_for_inference = False
+    try:
+        return count_all_flops(model, inputs)
+    finally:
+        PrepackedWeight.prepack_for_inference = True
+
+
+def count_all_flops(model, inputs):
     out = {}
     for key, backward in (("inference", False), ("train", True)):
         model.unet.set_attention_backend(None)
@@ -161,6 +185,9 @@ def timings(name, repeats, use_compile):
 
     model.eval()
     res["inference_ms"] = median_ms(infer, repeats)
+    PrepackedWeight.prepack_for_inference = False  # eager layers, NCHW throughout
+    res["inference_unpacked_ms"] = median_ms(infer, repeats)
+    PrepackedWeight.prepack_for_inference = True
     model.train()
     res["train_ms"] = median_ms(train, repeats)
     model.unet.enable_gradient_checkpointing()
@@ -260,15 +287,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="do not call nets.keep_freed_memory() (glibc's defaults)")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child[0], bool(int(args.memory_child[1])))
         return
     torch.set_num_threads(THREADS)
+    kept = False if args.default_malloc else keep_freed_memory()
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "threads": THREADS, "repeats": args.repeats, "warmup": WARMUP,
               "bf16_native": cpu_has_fast_low_precision(torch.bfloat16),
+              "keep_freed_memory": kept,
               "matmul_gflops": matmul_gflops(args.repeats)}
     for name in args.configs:
         matmul_before = matmul_gflops(args.repeats)

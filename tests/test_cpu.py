@@ -1,0 +1,209 @@
+"""Tests of nets/cpu.py: the prepacked inference layers compute what F.conv2d / F.linear
+compute, notice every way their weight can change and stay out of training; keep_freed_memory
+really stops large blocks from being page-faulted in again."""
+
+import copy
+import io
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize
+from torch import nn
+
+from diffusion import DiffusionConfig
+from nets import AdvancedUNet, Conv2d, Linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="the prepacked path needs oneDNN (mkldnn)")
+
+
+def reference(layer, x):
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, layer.weight, layer.bias)
+    return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                    layer.groups)
+
+
+# (layer, an input for it)
+LAYERS = {
+    "conv": lambda: (Conv2d(4, 4, 3, padding=1), torch.randn(1, 4, 8, 8)),
+    "linear": lambda: (Linear(6, 5), torch.randn(2, 3, 6)),
+}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [
+    (3, 1, 1, True), (3, 2, 1, True), (1, 1, 0, True), (3, 1, 0, False), (5, 2, 2, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_convolution_matches_conv2d(kernel, stride, padding, bias, channels_last):
+    torch.manual_seed(0)
+    conv = Conv2d(6, 10, kernel, stride=stride, padding=padding, bias=bias)
+    if bias:
+        nn.init.normal_(conv.bias)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # packed for the first shape, then used with another batch and spatial size
+    for shape in [(2, 6, 12, 16), (3, 6, 9, 7)]:
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            out = conv(x)
+            expected = reference(conv, x)
+        assert conv._packed is not None  # the fast path ran
+        assert out.shape == expected.shape
+        assert rel_err(out, expected) < 1e-5
+        assert out.is_contiguous(memory_format=fmt)  # the format F.conv2d returns
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 6), (2, 5, 6), (2, 3, 4, 6)])
+def test_packed_linear_matches_linear(shape, bias):
+    torch.manual_seed(0)
+    layer = Linear(6, 9, bias=bias)
+    if bias:
+        nn.init.normal_(layer.bias)
+    x = torch.randn(shape)
+    # packed for one number of rows, then used with another and with a non-contiguous input
+    for inputs in [x, torch.randn(11, 6), torch.randn(6, 4, 5).transpose(0, 2)]:
+        with torch.no_grad():
+            out = layer(inputs)
+        assert layer._packed is not None  # the fast path ran
+        assert rel_err(out, reference(layer, inputs)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_weight_changes_repack(kind):
+    torch.manual_seed(0)
+    layer, x = LAYERS[kind]()
+    shape = layer.weight.shape
+
+    def check():
+        with torch.no_grad():
+            assert rel_err(layer(x), reference(layer, x)) < 1e-5
+        assert layer._packed is not None
+
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # in place: the version counter moves
+    check()
+    layer.load_state_dict({"weight": torch.randn(shape), "bias": torch.randn(shape[0])})
+    check()
+    layer.weight = nn.Parameter(torch.randn(shape))  # a new tensor
+    check()
+    layer.weight.data = torch.randn(shape)  # same Parameter, new storage
+    check()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    check()
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_training_and_autograd_use_the_plain_layer(kind):
+    torch.manual_seed(0)
+    layer, x = LAYERS[kind]()
+    x.requires_grad_(True)
+    out = layer(x)
+    assert layer._packed is None
+    out.square().sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    with torch.no_grad():
+        layer(x)
+    assert layer._packed is not None
+    layer.train()
+    assert layer._packed is None  # train() (and eval()) drop the copy
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_switch_off_and_other_dtypes(kind, monkeypatch):
+    layer, x = LAYERS[kind]()
+    monkeypatch.setattr(type(layer), "prepack_for_inference", False)
+    with torch.no_grad():
+        layer(x)
+    assert layer._packed is None
+    monkeypatch.setattr(type(layer), "prepack_for_inference", True)
+    layer = layer.double()
+    with torch.no_grad():
+        out = layer(x.double())
+    assert layer._packed is None and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_copies_and_pickles_after_inference(kind):
+    layer, x = LAYERS[kind]()
+    with torch.no_grad():
+        expected = layer(x)
+    twin = copy.deepcopy(layer)  # oneDNN tensors cannot be deep-copied: the copy is dropped
+    assert twin._packed is None and layer._packed is not None
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(twin(x), expected) and torch.equal(loaded(x), expected)
+
+
+def test_unet_inference_same_with_and_without_prepacking(monkeypatch):
+    torch.set_num_threads(1)
+    config = DiffusionConfig(sample_size=16, model_channels=32, channel_mult=(1, 2),
+                             num_res_blocks=1, attention_resolutions=(8,), num_heads=4,
+                             context_dim=32)
+    torch.manual_seed(0)
+    model = AdvancedUNet(config).eval()
+    randomize(model)  # the untrained output is 0
+    x, context = torch.randn(2, 3, 16, 16), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        packed = model(x, 10, context)["sample"]
+        assert all(m._packed is not None for m in model.modules()
+                   if isinstance(m, (Conv2d, Linear)))
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        packed_last = model(x_last, 10, context)["sample"]
+        monkeypatch.setattr(Conv2d, "prepack_for_inference", False)
+        monkeypatch.setattr(Linear, "prepack_for_inference", False)
+        plain = model(x, 10, context)["sample"]
+    assert rel_err(packed, plain) < 1e-5 and rel_err(packed_last, plain) < 1e-5
+    # channels_last inside, the input's memory format outside
+    assert packed.is_contiguous() and packed_last.is_contiguous(memory_format=torch.channels_last)
+    assert not model.unet._runs_channels_last(x)  # autograd on: never
+
+
+KEEP_FREED_CHILD = """
+import resource, sys, torch
+from nets import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def touch():  # 256 MiB, written so every page is faulted in, then freed
+    torch.empty(64 * 2 ** 20).fill_(1.0)
+for _ in range(3):  # the heap's steady state (the first reuse may need a second block)
+    touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def transparent_huge_pages_always():
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return setting.exists() and "[always]" in setting.read_text()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory is glibc's")
+@pytest.mark.skipif(transparent_huge_pages_always(),
+                    reason="with huge pages always on, the page-fault count says little")
+def test_keep_freed_memory_reuses_large_blocks():
+    def faults(mode):
+        proc = subprocess.run([sys.executable, "-c", KEEP_FREED_CHILD, mode],
+                              capture_output=True, text=True, check=True)
+        return int(proc.stdout.split()[-1])
+
+    pages = 256 * 2 ** 20 // 4096  # of one block; three are allocated and written
+    default, kept = faults("default"), faults("keep")
+    assert default > 2 * pages  # glibc unmapped each block and the kernel faulted it in again
+    assert kept < pages // 20  # the freed blocks were reused
