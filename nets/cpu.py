@@ -76,12 +76,12 @@ class PrepackedWeight:
 
     def _uses_packed_weight(self, x: torch.Tensor) -> bool:
         return (self.prepack_for_inference
+                and not torch.compiler.is_compiling()  # inductor lays out weights itself
                 and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and x.dtype == torch.float32
                 and type(self.weight) in (torch.Tensor, nn.Parameter)
                 and self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()
                 and _mkldnn_available(self._op_name))
 
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
