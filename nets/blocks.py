@@ -140,7 +140,7 @@ class ResBlock(nn.Module):
         else:
             self.resample = None
         self.emb_proj = Linear(emb_channels,
-                                  2 * out_channels if use_scale_shift_norm else out_channels)
+                               2 * out_channels if use_scale_shift_norm else out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised

@@ -24,8 +24,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on
     free, so a training step that allocates and frees the same gradients and activations
-    page-faults them all in again (zero-filled by the kernel) on every step: 28% of the
-    default configuration's training step on the 2-core benchmark machine (README). Raising
+    page-faults them all in again (zero-filled by the kernel) on every step. The guide's
+    default configuration's training step took 6.2-8.2 s without this and 5.6 s with it on
+    the 2-core benchmark machine (README, "Speed on the CPU"). Raising
     the mmap threshold to 1 GiB and never trimming the heap makes freed blocks reusable. The
     price: the process keeps its peak memory until it exits. Process-wide, so the scripts call
     it (train.py, sample.py, sampling.evaluate, the benchmark), not the library on import.
@@ -74,7 +75,8 @@ class PrepackedWeight:
     prepack_for_inference = True
     _op_name = ""  # the oneDNN op the subclass calls
 
-    def _uses_packed_weight(self, x: torch.Tensor) -> bool:
+    def uses_packed_weight(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) takes the oneDNN path (the conditions above)."""
         return (self.prepack_for_inference
                 and not torch.compiler.is_compiling()  # inductor lays out weights itself
                 and not torch.is_grad_enabled()
@@ -132,7 +134,7 @@ class Conv2d(PrepackedWeight, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() != 4 or self.padding_mode != "zeros" or isinstance(self.padding, str)
-                or not self._uses_packed_weight(x)):
+                or not self.uses_packed_weight(x)):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.detach()
         out = torch.ops.mkldnn._convolution_pointwise(
@@ -162,7 +164,7 @@ class Linear(PrepackedWeight, nn.Linear):
         return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.numel() == 0 or not self._uses_packed_weight(x):
+        if x.dim() < 2 or x.numel() == 0 or not self.uses_packed_weight(x):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.detach()
         # contiguous: oneDNN's kernel (and so the rounding) would otherwise depend on x's

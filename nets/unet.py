@@ -375,9 +375,10 @@ class UNet(nn.Module):
     channels_last_cpu_inference = True
 
     def _runs_channels_last(self, sample) -> bool:
-        return (self.channels_last_cpu_inference and Conv2d.prepack_for_inference
-                and not torch.is_grad_enabled() and sample.device.type == "cpu"
-                and sample.dtype == torch.float32 and not torch.compiler.is_compiling())
+        """When conv_in (and so every nets.Conv2d) takes its prepacked path for `sample`."""
+        uses_packed_weight = getattr(self.conv_in, "uses_packed_weight", None)  # not nn.Conv2d
+        return (self.channels_last_cpu_inference and uses_packed_weight is not None
+                and uses_packed_weight(sample))
 
     def forward(self, sample, timestep, context=None, key_padding_mask=None):
         if (self.fp32_when_cpu_autocast_is_slow and isinstance(sample, torch.Tensor)
