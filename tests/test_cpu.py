@@ -22,6 +22,15 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="the prepacked path needs oneDNN (mkldnn)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny layers gain nothing from a second thread; restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference(layer, x):
     if isinstance(layer, nn.Linear):
         return F.linear(x, layer.weight, layer.bias)
@@ -149,15 +158,19 @@ def test_copies_and_pickles_after_inference(kind):
         assert torch.equal(twin(x), expected) and torch.equal(loaded(x), expected)
 
 
-def test_unet_inference_same_with_and_without_prepacking(monkeypatch):
-    torch.set_num_threads(1)
-    config = DiffusionConfig(sample_size=16, model_channels=32, channel_mult=(1, 2),
-                             num_res_blocks=1, attention_resolutions=(8,), num_heads=4,
-                             context_dim=32)
+def small_unet(size, width):
+    """(UNet in eval mode with random non-zero weights, sample, context); attention at size/2."""
+    config = DiffusionConfig(sample_size=size, model_channels=width, channel_mult=(1, 2),
+                             num_res_blocks=1, attention_resolutions=(size // 2,),
+                             num_heads=width // 8, context_dim=width)
     torch.manual_seed(0)
     model = AdvancedUNet(config).eval()
     randomize(model)  # the untrained output is 0
-    x, context = torch.randn(2, 3, 16, 16), torch.randn(2, 5, 32)
+    return model, torch.randn(2, 3, size, size), torch.randn(2, 5, width)
+
+
+def test_unet_inference_same_with_and_without_prepacking(monkeypatch):
+    model, x, context = small_unet(16, 32)
     with torch.no_grad():
         packed = model(x, 10, context)["sample"]
         assert all(m._packed is not None for m in model.modules()
@@ -212,14 +225,7 @@ def test_keep_freed_memory_reuses_large_blocks():
 def test_compiled_unet_matches_the_prepacked_eager_unet():
     """Under torch.compile the layers take the plain path (dynamo traces F.conv2d / F.linear,
     never the oneDNN ops); the numbers match eager inference, which uses the packed path."""
-    torch.set_num_threads(1)
-    config = DiffusionConfig(sample_size=8, model_channels=16, channel_mult=(1, 2),
-                             num_res_blocks=1, attention_resolutions=(4,), num_heads=2,
-                             context_dim=16)
-    torch.manual_seed(0)
-    model = AdvancedUNet(config).eval()
-    randomize(model)
-    x, context = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 16)
+    model, x, context = small_unet(8, 16)
     graphs = []
 
     def record(graph_module, example_inputs):  # a backend that runs the traced graph as is

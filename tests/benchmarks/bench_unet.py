@@ -215,8 +215,8 @@ def timings(name, repeats, use_compile):
         res["inference_compile_ms"] = median_ms(lambda: infer(m=compiled), repeats)
         model.train()
         res["train_compile_ms"] = median_ms(lambda: train(m=compiled), repeats)
-        # Inference with inductor's freezing: the weights become constants, so oneDNN's
-        # convolution weights are laid out once instead of on every call as in eager mode.
+        # Inference with inductor's freezing: the weights become constants, laid out once for
+        # oneDNN by inductor (eager inference does the same through nets.cpu).
         # Last, since it changes the weights: the zero-initialised layers get small random
         # values, so that comparing with eager checks something (the untrained output is 0).
         model.eval()
