@@ -74,6 +74,7 @@ class PrepackedWeight:
 
     prepack_for_inference = True
     _op_name = ""  # the oneDNN op the subclass calls
+    _packed = None  # per instance once set: (weight, its data pointer, its version, laid out)
 
     def uses_packed_weight(self, x: torch.Tensor) -> bool:
         """Whether forward(x) takes the oneDNN path (the conditions above)."""
@@ -94,7 +95,7 @@ class PrepackedWeight:
             if packed_from is w and pointer == w.data_ptr() and version == w._version:
                 return packed
             self._packed = None  # free the stale copy before making the new one
-        packed = self._pack(w.detach(), x)
+        packed = self._pack(w, x)  # runs under no_grad: nothing to detach
         self._packed = (w, w.data_ptr(), w._version, packed)
         return packed
 
@@ -123,10 +124,6 @@ class Conv2d(PrepackedWeight, nn.Conv2d):
 
     _op_name = "_convolution_pointwise"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._packed = None  # (weight, its data pointer, its version, weight for oneDNN)
-
     def _pack(self, weight, x):
         return torch._C._nn.mkldnn_reorder_conv2d_weight(
             weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
@@ -136,9 +133,8 @@ class Conv2d(PrepackedWeight, nn.Conv2d):
         if (x.dim() != 4 or self.padding_mode != "zeros" or isinstance(self.padding, str)
                 or not self.uses_packed_weight(x)):
             return super().forward(x)
-        bias = None if self.bias is None else self.bias.detach()
         out = torch.ops.mkldnn._convolution_pointwise(
-            x, self.packed_weight(x), bias, list(self.padding), list(self.stride),
+            x, self.packed_weight(x), self.bias, list(self.padding), list(self.stride),
             list(self.dilation), self.groups, "none", [], "")
         # the format F.conv2d would return (oneDNN picks its own)
         return out.contiguous(memory_format=memory_format_of(x))
@@ -156,18 +152,13 @@ class Linear(PrepackedWeight, nn.Linear):
 
     _op_name = "_linear_pointwise"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._packed = None  # (weight, its data pointer, its version, weight for oneDNN)
-
     def _pack(self, weight, x):
         return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.numel() == 0 or not self.uses_packed_weight(x):
             return super().forward(x)
-        bias = None if self.bias is None else self.bias.detach()
         # contiguous: oneDNN's kernel (and so the rounding) would otherwise depend on x's
         # strides, and e.g. sliced attention must give the same numbers as unsliced
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight(x), bias,
-                                                  "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight(x),
+                                                  self.bias, "none", [], "")
