@@ -43,6 +43,11 @@ DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 VALIDATION_SEED = 1234
 # Images outside [-1 - tol, 1 + tol] are rejected: a [0, 255] or [0, 1] batch is a bug.
 IMAGE_RANGE_TOLERANCE = 1e-3
+# Devices where AdamW runs its fused kernel. On the CPU PyTorch's default is a Python loop over
+# the parameters: with configs/shapes.yaml on the 2-core machine the whole optimizer step
+# (clipping, AdamW, EMA) took 21.8 ms with it and 10.9 ms fused, of a 295 / 285 ms training
+# step. Elsewhere PyTorch's default stays (foreach on CUDA, already one kernel per group).
+FUSED_ADAMW_DEVICES = ("cpu",)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -155,8 +160,9 @@ class AdvancedDiffusionTrainer:
             self.net = nn.parallel.DistributedDataParallel(self.denoiser, device_ids=ids)
         self.noise_scheduler = AdvancedScheduler(config)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self._fused_adamw = True if self.device.type in FUSED_ADAMW_DEVICES else None
         self.optimizer = torch.optim.AdamW(parameter_groups(self.denoiser, config.weight_decay),
-                                           lr=config.learning_rate)
+                                           lr=config.learning_rate, fused=self._fused_adamw)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer,
                                           config.lr_warmup_steps, config.max_steps)
         self.amp_dtype = autocast_dtype(config.mixed_precision, self.device)
@@ -372,6 +378,8 @@ class AdvancedDiffusionTrainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups carry the saving run's
+            group["fused"] = self._fused_adamw     # kernel choice; use this device's
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler is not None and state["grad_scaler"] is not None:
             self.scaler.load_state_dict(state["grad_scaler"])

@@ -166,6 +166,44 @@ def test_parameter_groups_by_module_type():
     assert id(trainer.text_encoder.position_embedding) not in decayed
 
 
+def test_first_update_is_adamw_closed_form():
+    """AdamW's first step (Loshchilov & Hutter 2019; both moments bias-corrected, so m = g and
+    v = g^2): p <- p (1 - lr wd) - lr g / (|g| + eps), with each group's weight decay, through
+    the kernel the trainer picked (fused on the CPU)."""
+    trainer = make_trainer(weight_decay=0.1)
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    g = torch.Generator().manual_seed(0)
+    expected = []
+    for group in trainer.optimizer.param_groups:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        assert lr > 0
+        for p in group["params"]:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+            p0, grad = p.detach().double(), p.grad.double()
+            expected.append((p, p0 * (1 - lr * wd) - lr * grad / (grad.abs() + eps)))
+    assert {group["weight_decay"] for group in trainer.optimizer.param_groups} == {0.1, 0.0}
+    trainer.optimizer.step()
+    for p, want in expected:
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-8)
+
+
+def test_resume_keeps_this_devices_adamw_kernel(tmp_path):
+    """The fused flag travels in the optimizer's saved groups; a checkpoint written with the
+    per-parameter loop (before the trainer chose the fused kernel, or on another device)
+    resumes fused on the CPU and still trains."""
+    trainer = make_trainer()
+    trainer.train_step(fixed_batch())
+    for group in trainer.optimizer.param_groups:
+        group["fused"] = None
+    path = trainer.save_checkpoint(tmp_path / "loop.pt")
+    resumed = make_trainer()
+    resumed.load_checkpoint(path)
+    assert all(group["fused"] is True for group in resumed.optimizer.param_groups)
+    before = {n: p.detach().clone() for n, p in resumed.denoiser.named_parameters()}
+    assert resumed.train_step(fixed_batch(seed=1))["updated"]
+    assert any(not torch.equal(before[n], p) for n, p in resumed.denoiser.named_parameters())
+
+
 @pytest.mark.parametrize("batch, message", [
     ({"images": torch.zeros(2, 1, 16, 16), "prompts": ["a", "b"]}, r"\(B, 3, H, W\)"),
     ({"images": torch.zeros(2, 3, 16, 16), "prompts": ["a"]}, r"2 images but 1 prompts"),
