@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from losses import AdvancedLossFunctions, min_snr_weight, training_target
-from nets import TextEncoder
+from nets import TextEncoder, trim_padding
 
 from .checkpoint import (
     FORMAT_VERSION,
@@ -115,6 +115,7 @@ class TextConditionedDenoiser(nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, x_t, timesteps, input_ids, attention_mask):
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         context, mask = self.text_encoder(input_ids, attention_mask)  # (B, L, D), (B, L)
         return self.unet(x_t, timesteps, context, mask)["sample"]
 

@@ -15,7 +15,7 @@ from .attention import (
 from .blocks import Downsample, Dropout, Normalize, ResBlock, Upsample, norm_groups
 from .cpu import Conv2d, Linear, PrepackedWeight, keep_freed_memory
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_as_batch
-from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock
+from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock, trim_padding
 from .unet import (
     AdvancedUNet,
     DownBlock,
@@ -61,4 +61,5 @@ __all__ = [
     "norm_groups",
     "timestep_embedding",
     "timesteps_as_batch",
+    "trim_padding",
 ]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file
 from diffusion.trainer import TextConditionedDenoiser
-from nets import AdvancedUNet, TextEncoder
+from nets import AdvancedUNet, TextEncoder, trim_padding
 
 from .samplers import check_sampler, guided_model_fn, sample
 
@@ -201,11 +201,17 @@ class AdvancedDiffusionPipeline:
         }
 
     @torch.no_grad()
-    def _encode(self, prompts: list[str]):
+    def _encode(self, prompts: list[str], negative: list[str]):
+        """(context, mask) of the prompts and of the negative prompts, encoded in one batch
+        and cut to its longest prompt (trim_padding), so the two have the same length."""
         encoder = self._on_device(self.text_encoder)
-        context, mask = encoder.encode(prompts)
+        input_ids, mask = trim_padding(*encoder.tokenizer(prompts + negative))
+        device = next(encoder.parameters()).device
+        context, mask = encoder(input_ids.to(device), mask.to(device))
         self._off_device(encoder)
-        return context.to(self.device), mask.to(self.device)
+        context, mask = context.to(self.device), mask.to(self.device)
+        n = len(prompts)
+        return (context[:n], mask[:n]), (context[n:], mask[n:])
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
@@ -246,8 +252,7 @@ class AdvancedDiffusionPipeline:
             if len(timesteps) == 0:
                 return decode_latents(init_images)
             x_T = self.scheduler.add_noise(init_images.to(self.device), timesteps[0], noise=x_T)
-        cond = self._encode(list(prompts))
-        uncond = self._encode([negative_prompt or ""] * len(prompts))
+        cond, uncond = self._encode(list(prompts), [negative_prompt or ""] * len(prompts))
         unet = self._on_device(self.unet)
 
         def denoise(x, t, context, mask):

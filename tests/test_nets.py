@@ -23,6 +23,7 @@ from nets import (
     masked_mean,
     norm_groups,
     timestep_embedding,
+    trim_padding,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -354,6 +355,46 @@ def test_text_encoder_ignores_padding_ids():
     ids2 = torch.where(mask, ids, torch.randint(0, 256, ids.shape))
     out, _ = encoder(ids2, mask)
     torch.testing.assert_close(out[mask], ref[mask])
+
+
+def test_trim_padding_cuts_at_the_longest_prompt():
+    tokenizer = TextEncoder(context_dim=16, width=32, num_layers=1, max_length=10).tokenizer
+    ids, mask = tokenizer(["", "hello", "hi"])
+    short_ids, short_mask = trim_padding(ids, mask)
+    assert short_ids.shape == short_mask.shape == (3, 7)  # BOS + 5 bytes + EOS
+    assert torch.equal(short_ids, ids[:, :7]) and torch.equal(short_mask, mask[:, :7])
+    assert not mask[:, 7:].any()
+    # a hole in the middle stays (only trailing all-padding positions go); no real token: 1
+    holes = torch.tensor([[True, False, True, False]])
+    assert trim_padding(torch.zeros(1, 4), holes)[1].tolist() == [[True, False, True]]
+    assert trim_padding(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool))[1].shape == (2, 1)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids "
+                                         r"\(3, 10\); got \(3, 9\)"):
+        trim_padding(ids, mask[:, :9])
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_trimmed_text_gives_the_same_prediction(pooled):
+    """Encoder + UNet on the 77-style padded text and on the text cut by trim_padding agree:
+    every reader of the text masks the cut positions out."""
+    config = tiny_config(context_dim=32, text_encoder_width=32, text_encoder_layers=1,
+                         max_text_length=20, pooled_text_conditioning=pooled)
+    torch.manual_seed(0)
+    model, encoder = AdvancedUNet(config), TextEncoder.from_config(config)
+    randomize(model)
+    randomize(encoder, seed=2)
+    ids, mask = encoder.tokenizer(["a red square", "ok"])
+    x, t, _ = inputs(config)
+    with torch.no_grad():
+        full = run(model, x, t, *encoder(ids, mask))
+        short_ids, short_mask = trim_padding(ids, mask)
+        assert short_ids.shape[1] == len("a red square") + 2
+        trimmed = run(model, x, t, *encoder(short_ids, short_mask))
+        one_real_token_less = run(model, x, t, *encoder(short_ids[:, :-1], short_mask[:, :-1]))
+    # float rounding only (7e-7 seen, outputs of mean size 0.2): the linear layers see fewer
+    # rows; losing one real token moves the output by ~8e-3
+    torch.testing.assert_close(trimmed, full, atol=5e-6, rtol=0)
+    assert not torch.allclose(one_real_token_less, full, atol=1e-3)
 
 
 # ---- errors ----

@@ -204,6 +204,19 @@ def test_resume_keeps_this_devices_adamw_kernel(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in resumed.denoiser.named_parameters())
 
 
+def test_denoiser_cuts_the_text_at_the_longest_prompt():
+    """The UNet and the text encoder see the batch's text cut by trim_padding (BOS, the
+    longest prompt's bytes, EOS), not all max_text_length positions."""
+    trainer = make_trainer(cfg_dropout=0.0)
+    lengths = []
+    hook = trainer.text_encoder.register_forward_pre_hook(
+        lambda module, args: lengths.append(args[0].shape[1]))
+    trainer.train_step(fixed_batch())
+    hook.remove()
+    assert lengths == [max(len(p) for p in PROMPTS) + 2]
+    assert lengths[0] < trainer.config.max_text_length
+
+
 @pytest.mark.parametrize("batch, message", [
     ({"images": torch.zeros(2, 1, 16, 16), "prompts": ["a", "b"]}, r"\(B, 3, H, W\)"),
     ({"images": torch.zeros(2, 3, 16, 16), "prompts": ["a"]}, r"2 images but 1 prompts"),
