@@ -68,6 +68,12 @@ class ByteTokenizer:
         return input_ids, input_ids != PAD_ID
 
 
+def check_mask_shape(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+
+
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Drop the last positions where every row is padding: (B, L) -> (B, L'), L' >= 1.
 
@@ -77,9 +83,7 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     (configs/shapes.yaml: 77 -> at most 20 positions; its training step went from 230 to 208
     ms on the 2-core machine). attention_mask: (B, L) bool, True = real.
     """
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids "
-                         f"{tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+    check_mask_shape(input_ids, attention_mask)
     real = attention_mask.any(dim=0).nonzero()  # (n, 1) positions real in some row
     length = int(real[-1]) + 1 if len(real) else 1
     return input_ids[:, :length], attention_mask[:, :length]
@@ -169,9 +173,8 @@ class TextEncoder(nn.Module):
                              f"{self.max_length}; got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = input_ids != PAD_ID
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+        else:
+            check_mask_shape(input_ids, attention_mask)
         attention_mask = attention_mask.bool()
         length = input_ids.shape[1]
         x = self.token_embedding(input_ids) + self.position_embedding[:length]  # (B, L, width)
