@@ -373,6 +373,19 @@ def test_trim_padding_cuts_at_the_longest_prompt():
         trim_padding(ids, mask[:, :9])
 
 
+def test_text_encoder_bad_inputs_raise_clear_errors():
+    encoder = TextEncoder(context_dim=16, width=32, num_layers=1, max_length=10)
+    ids, mask = encoder.tokenizer(["hi", "there"])
+    with pytest.raises(ValueError, match=r"input_ids must be a \(B, L\) int64 tensor; got "
+                                         r"torch.Size\(\[10\]\)"):
+        encoder(ids[0])
+    with pytest.raises(ValueError, match=r"at most max_text_length=10; got shape \(2, 11\)"):
+        encoder(torch.cat([ids, ids[:, :1]], dim=1))
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids "
+                                         r"\(2, 10\); got \(2, 9\)"):
+        encoder(ids, mask[:, :9])
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_trimmed_text_gives_the_same_prediction(pooled):
     """Encoder + UNet on the 77-style padded text and on the text cut by trim_padding agree:
