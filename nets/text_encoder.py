@@ -182,8 +182,11 @@ class TextEncoder(nn.Module):
             x = block(x, key_padding_mask=attention_mask)
         return self.proj(self.norm(x)), attention_mask  # (B, L, context_dim), (B, L)
 
-    def encode(self, prompts):
-        """prompts: str or list of str -> (hidden_states (B, L, context_dim), mask (B, L))."""
+    def encode(self, prompts, trim: bool = False):
+        """prompts: str or list of str -> (hidden_states (B, L, context_dim), mask (B, L));
+        L = max_length, or the longest prompt's length with `trim` (trim_padding)."""
         input_ids, mask = self.tokenizer(prompts)
+        if trim:
+            input_ids, mask = trim_padding(input_ids, mask)
         device = self.proj.weight.device
         return self.forward(input_ids.to(device), mask.to(device))

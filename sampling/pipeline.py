@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file
 from diffusion.trainer import TextConditionedDenoiser
-from nets import AdvancedUNet, TextEncoder, trim_padding
+from nets import AdvancedUNet, TextEncoder
 
 from .samplers import check_sampler, guided_model_fn, sample
 
@@ -205,9 +205,7 @@ class AdvancedDiffusionPipeline:
         """(context, mask) of the prompts and of the negative prompts, encoded in one batch
         and cut to its longest prompt (trim_padding), so the two have the same length."""
         encoder = self._on_device(self.text_encoder)
-        input_ids, mask = trim_padding(*encoder.tokenizer(prompts + negative))
-        device = next(encoder.parameters()).device
-        context, mask = encoder(input_ids.to(device), mask.to(device))
+        context, mask = encoder.encode(prompts + negative, trim=True)
         self._off_device(encoder)
         context, mask = context.to(self.device), mask.to(self.device)
         n = len(prompts)

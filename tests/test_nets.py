@@ -358,10 +358,12 @@ def test_text_encoder_ignores_padding_ids():
 
 
 def test_trim_padding_cuts_at_the_longest_prompt():
-    tokenizer = TextEncoder(context_dim=16, width=32, num_layers=1, max_length=10).tokenizer
-    ids, mask = tokenizer(["", "hello", "hi"])
+    encoder = TextEncoder(context_dim=16, width=32, num_layers=1, max_length=10)
+    ids, mask = encoder.tokenizer(["", "hello", "hi"])
     short_ids, short_mask = trim_padding(ids, mask)
     assert short_ids.shape == short_mask.shape == (3, 7)  # BOS + 5 bytes + EOS
+    states, states_mask = encoder.encode(["", "hello", "hi"], trim=True)
+    assert states.shape == (3, 7, 16) and torch.equal(states_mask, short_mask)
     assert torch.equal(short_ids, ids[:, :7]) and torch.equal(short_mask, mask[:, :7])
     assert not mask[:, 7:].any()
     # a hole in the middle stays (only trailing all-padding positions go); no real token: 1
