@@ -232,7 +232,8 @@ class DiffusionConfig:
             raise ValueError("pooled_text_conditioning=True needs use_spatial_transformer=True "
                              "(a model without text input has no prompt to pool)")
         if self.dataset == "folder" and not self.data_dir:
-            raise ValueError("dataset='folder' needs data_dir (the image folder); got None")
+            raise ValueError(f"dataset='folder' needs data_dir (the image folder); got "
+                             f"{self.data_dir!r}")
         return self
 
     # ---- (de)serialisation ----

@@ -96,8 +96,14 @@ class EMAModel:
                 "shadow": {k: v.clone() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["shadow"].keys() != self.shadow.keys():
-            raise ValueError("EMA state does not match this model's parameters")
+        saved, ours = state["shadow"], self.shadow
+        missing, unexpected = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+        wrong = [f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(ours[k].shape)}"
+                 for k in ours.keys() & saved.keys() if saved[k].shape != ours[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"EMA state does not match this model's parameters: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}, shape "
+                             f"mismatches {sorted(wrong)[:5]} (first 5 of each)")
         self.decay, self.warmup = float(state["decay"]), bool(state["warmup"])
         self.num_updates = int(state["num_updates"])
         for name, value in state["shadow"].items():

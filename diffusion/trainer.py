@@ -178,13 +178,16 @@ class AdvancedDiffusionTrainer:
         self._consecutive_skips = 0
         self._micro_step = 0
         self._window_nonfinite = False
+        self._window_losses = []      # this accumulation window's micro-batch losses
 
     # ---- one step ----
 
     def _check_batch(self, batch) -> tuple[torch.Tensor, list]:
         if not isinstance(batch, dict) or "images" not in batch or "prompts" not in batch:
+            got = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict)
+                   else type(batch).__name__)
             raise ValueError("batch must be a dict with 'images' (B, C, H, W) in [-1, 1] and "
-                             "'prompts' (list of B strings)")
+                             f"'prompts' (list of B strings); got {got}")
         images, prompts = batch["images"], batch["prompts"]
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -246,11 +249,18 @@ class AdvancedDiffusionTrainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @property
+    def accumulating(self) -> bool:
+        """Whether micro-batches of an unfinished accumulation window hold gradients."""
+        return self._micro_step % self.config.gradient_accumulation_steps != 0
+
     def train_step(self, batch: dict) -> dict:
         """One micro-batch; an optimizer update every gradient_accumulation_steps calls.
 
         batch: {"images": (B, C, H, W) in [-1, 1], "prompts": list of B str}.
-        Returns loss, learning_rate, grad_norm (nan between updates), step, updated,
+        Returns loss (the mean over this accumulation window's micro-batches so far; when the
+        step updates, over the whole window and, under DDP, over all ranks: the loss of the
+        update's global batch), learning_rate, grad_norm (nan between updates), step, updated,
         skipped_steps.
         """
         images, prompts = self._check_batch(batch)
@@ -270,11 +280,17 @@ class AdvancedDiffusionTrainer:
             else:
                 self._window_nonfinite = True
         self._micro_step += 1
+        self._window_losses.append(loss.detach().float())
+        window_loss = torch.stack(self._window_losses).mean()
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm, updated = float("nan"), False
         if update_now:
+            if self.net is not self.denoiser:
+                dist.all_reduce(window_loss)
+                window_loss /= self.world_size
+            self._window_losses = []
             grad_norm, updated = self._optimizer_step()
-        return {"loss": loss.item(), "learning_rate": lr, "grad_norm": grad_norm,
+        return {"loss": window_loss.item(), "learning_rate": lr, "grad_norm": grad_norm,
                 "step": self.global_step, "updated": updated,
                 "skipped_steps": self.skipped_steps}
 
@@ -296,6 +312,8 @@ class AdvancedDiffusionTrainer:
         self._window_nonfinite = False
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:  # unscale_ above must be closed by an update, or the next one fails
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.skipped_steps += 1
             self._consecutive_skips += 1
             if self._consecutive_skips >= cfg.max_nonfinite_steps:
@@ -353,7 +371,21 @@ class AdvancedDiffusionTrainer:
     # ---- checkpoints ----
 
     def state_dict(self, extra: dict | None = None) -> dict:
-        """Everything needed to resume bit-exactly: plain tensors, numbers, strings, dicts."""
+        """Everything needed to resume bit-exactly: plain tensors, numbers, strings, dicts.
+        Saved inside an accumulation window, it holds the window's gradients too (one process
+        only: under DDP each rank's gradients differ until the window's all-reduce)."""
+        window = None
+        if self.accumulating:
+            if self.net is not self.denoiser:
+                raise ValueError(
+                    f"cannot save a checkpoint in the middle of an accumulation window under "
+                    f"DDP (micro-step {self._micro_step}, gradient_accumulation_steps "
+                    f"{self.config.gradient_accumulation_steps}): save after an update")
+            window = {"gradients": {name: p.grad.clone()
+                                    for name, p in self.denoiser.named_parameters()
+                                    if p.grad is not None},
+                      "losses": [loss.item() for loss in self._window_losses],
+                      "nonfinite": self._window_nonfinite}
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -368,20 +400,32 @@ class AdvancedDiffusionTrainer:
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng,
             "counters": {"skipped_steps": self.skipped_steps, "micro_step": self._micro_step},
+            "accumulation_window": window,
             "extra": extra or {},
         }
 
     def load_state_dict(self, state: dict) -> dict:
-        """Restore from `state_dict()` output; returns its `extra` (e.g. the data position)."""
+        """Restore from `state_dict()` output; returns its `extra` (e.g. the data position).
+
+        The optimizer's learning rate and weight decay come from this trainer's config, not the
+        checkpoint's (they are the ones config.yaml records), so a run can resume with a new
+        learning_rate; with an unchanged config the resume is bit-exact."""
         check_same_model(config_from_checkpoint(state), self.config)
         self.model.load_state_dict(state["model"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # the saved groups carry the saving run's
-            group["fused"] = self._fused_adamw     # kernel choice; use this device's
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        fresh_groups = parameter_groups(self.denoiser, self.config.weight_decay)
+        for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
+            group["fused"] = self._fused_adamw  # the saving run's kernel choice: use this device's
+            group["weight_decay"] = fresh["weight_decay"]
+            group["initial_lr"] = self.config.learning_rate
+        schedule = self.lr_scheduler
+        schedule.load_state_dict(state["lr_scheduler"])
+        schedule.base_lrs = [self.config.learning_rate] * len(fresh_groups)
+        for group, factor in zip(self.optimizer.param_groups, schedule.lr_lambdas):
+            group["lr"] = self.config.learning_rate * factor(schedule.last_epoch)
         if self.scaler is not None and state["grad_scaler"] is not None:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["rng"]["generator"])
@@ -391,6 +435,16 @@ class AdvancedDiffusionTrainer:
         self.global_step = int(state["step"])
         self.skipped_steps = int(state["counters"]["skipped_steps"])
         self._micro_step = int(state["counters"]["micro_step"])
+        window = state.get("accumulation_window")
+        self.optimizer.zero_grad(set_to_none=True)
+        if window is not None:
+            for name, p in self.denoiser.named_parameters():
+                if name in window["gradients"]:
+                    p.grad = window["gradients"][name].to(p.device, p.dtype)
+            self._window_losses = [torch.tensor(loss) for loss in window["losses"]]
+            self._window_nonfinite = bool(window["nonfinite"])
+        else:
+            self._window_losses, self._window_nonfinite = [], False
         return state.get("extra", {})
 
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:

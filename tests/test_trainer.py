@@ -86,6 +86,76 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
 
 
+def test_resume_inside_an_accumulation_window_is_bitwise_exact(tmp_path):
+    """5 micro-steps straight == 3, checkpoint (its window holds one micro-batch's gradients
+    and loss), fresh trainer, load, 2: the window's first half is not lost."""
+    kw = dict(gradient_accumulation_steps=2, use_ema=True, ema_decay=0.9, max_steps=6)
+    batches = [fixed_batch(seed=i) for i in range(5)]
+    straight = make_trainer(**kw)
+    for batch in batches:
+        last = straight.train_step(batch)
+    first = make_trainer(**kw)
+    for batch in batches[:3]:
+        first.train_step(batch)
+    assert first.accumulating
+    path = first.save_checkpoint(tmp_path / "mid.pt")
+    resumed = make_trainer(seed=7, **kw)
+    resumed.load_checkpoint(path)
+    for batch in batches[3:]:
+        metrics = resumed.train_step(batch)
+    assert resumed.global_step == straight.global_step == 2
+    assert_bitwise_equal(state_of(resumed), state_of(straight))
+    assert metrics["loss"] == last["loss"]
+
+
+def test_logged_loss_is_the_mean_over_the_accumulation_window():
+    trainer = make_trainer(gradient_accumulation_steps=3, use_ema=False)
+    losses = []
+    loss_per_sample = trainer.loss_per_sample
+    trainer.loss_per_sample = lambda *a: (lambda v: (losses.append(v.mean().item()), v)[1])(
+        loss_per_sample(*a))
+    for i in range(3):
+        metrics = trainer.train_step(fixed_batch(seed=i))
+        assert metrics["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert metrics["updated"] and len(set(losses)) == 3
+
+
+def test_resume_takes_learning_rate_and_weight_decay_from_the_config(tmp_path):
+    """config.yaml records the resumed run's config, so the optimizer must follow it."""
+    kw = dict(lr_scheduler="cosine", lr_warmup_steps=0, max_steps=10)
+    trainer = make_trainer(learning_rate=1e-3, weight_decay=0.01, **kw)
+    for i in range(4):
+        trainer.train_step(fixed_batch(seed=i))
+    path = trainer.save_checkpoint(tmp_path / "c.pt")
+    resumed = make_trainer(learning_rate=1e-5, weight_decay=0.0, **kw)
+    resumed.load_checkpoint(path)
+    factor = 0.5 * (1 + math.cos(math.pi * 4 / 10))
+    for group in resumed.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-5 * factor, rel=1e-12)
+        assert group["weight_decay"] == 0.0
+    assert resumed.train_step(fixed_batch())["learning_rate"] == pytest.approx(1e-5 * factor)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-5 * 0.5 * (1 + math.cos(math.pi * 5 / 10)), rel=1e-12)
+
+
+def test_non_finite_step_with_a_grad_scaler_keeps_training():
+    """fp16 training (GradScaler; a CPU scaler runs the same logic as CUDA's): a NaN loss skips
+    the update and backs the scale off, and the next clean step updates as usual."""
+    trainer = make_trainer(use_ema=False)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert trainer.train_step(fixed_batch())["updated"]
+    bias = trainer.model.unet.conv_out.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias.fill_(float("nan"))
+    assert trainer.train_step(fixed_batch(seed=1))["updated"] is False
+    assert trainer.scaler.get_scale() == 512.0
+    with torch.no_grad():
+        bias.copy_(saved)
+    metrics = trainer.train_step(fixed_batch(seed=2))
+    assert metrics["updated"] and metrics["skipped_steps"] == 1 and metrics["step"] == 2
+
+
 def test_resume_with_a_different_model_lists_the_fields(tmp_path):
     trainer = make_trainer()
     path = trainer.save_checkpoint(tmp_path / "c.pt")
@@ -223,7 +293,9 @@ def test_denoiser_cuts_the_text_at_the_longest_prompt():
     ({"images": torch.full((2, 3, 16, 16), 255.0), "prompts": ["a", "b"]},
      r"must lie in \[-1, 1\]; got values in \[255, 255\]"),
     ({"images": torch.full((2, 3, 16, 16), float("nan")), "prompts": ["a", "b"]}, "NaN"),
-    ({"pixels": torch.zeros(2, 3, 16, 16)}, r"'images'.*'prompts'"),
+    ({"pixels": torch.zeros(2, 3, 16, 16)}, r"'images'.*'prompts'.*got a dict with keys "
+                                            r"\['pixels'\]"),
+    ([torch.zeros(2, 3, 16, 16)], r"'prompts' \(list of B strings\); got list"),
 ])
 def test_bad_batches_are_rejected_before_any_update(batch, message):
     trainer = make_trainer()
@@ -321,6 +393,13 @@ def test_ema_errors():
         ema.restore(model)
     with pytest.raises(ValueError, match="does not match"):
         ema.step(torch.nn.Linear(3, 3, bias=False))
+    state = EMAModel(torch.nn.Linear(3, 2)).state_dict()
+    with pytest.raises(ValueError, match=r"shape mismatches \['weight: saved \(2, 3\) vs "
+                                         r"model \(2, 2\)'\]"):
+        ema.load_state_dict(state)
+    del state["shadow"]["bias"]
+    with pytest.raises(ValueError, match=r"missing \['bias'\]"):
+        ema.load_state_dict(state)
 
 
 # ---- data order ----
@@ -340,6 +419,14 @@ def test_global_batch_sampler_is_resumable_and_splits_ranks():
     assert list(other_epoch) != batches
     with pytest.raises(ValueError, match="fewer than one global batch of 8"):
         GlobalBatchSampler(5, 4, world_size=2)
+
+
+def test_trainer_construction_errors():
+    config = tiny_config()
+    with pytest.raises(TypeError, match="config must be a DiffusionConfig; got dict"):
+        AdvancedDiffusionTrainer(AdvancedUNet(config), config.to_dict())
+    with pytest.raises(RuntimeError, match=r"distributed=True needs torch.distributed"):
+        AdvancedDiffusionTrainer(AdvancedUNet(config), config, distributed=True)
 
 
 def test_load_checkpoint_errors(tmp_path):
