@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from diffusion import DiffusionConfig, parse_overrides
 from diffusion.checkpoint import (
-    CheckpointError,
+    check_no_newer_run,
     find_resumable,
     load_checkpoint_file,
     save_run_checkpoint,
@@ -107,6 +107,24 @@ def save_samples(trainer, config, run_dir: Path, step: int, prompts):
     make_grid(images, prompts).save(path)
 
 
+def open_metrics(path: Path, step: int):
+    """metrics.jsonl opened for appending, without the lines past `step`: a run killed between
+    a log line and its next checkpoint logged steps that the resumed run logs again. A line
+    cut short by the kill is dropped too."""
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
 def open_tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -137,20 +155,20 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=config.num_workers,
                                          generator=torch.Generator())
-    epoch, batch_in_epoch = 0, 0
-    try:
+    try:  # an unreadable checkpoint, another model, or another run's folder: say it and stop
         state = resume_state(args, run_dir)
-    except CheckpointError as err:
+        position = trainer.load_state_dict(state) if state is not None else {}
+        if args.resume != "auto":  # auto took the newest loadable one: newer files are broken
+            check_no_newer_run(run_dir, trainer.global_step)
+    except ValueError as err:
         sys.exit(f"train.py: {err}")
-    if state is not None:
-        position = trainer.load_state_dict(state)
-        epoch, batch_in_epoch = position.get("epoch", 0), position.get("batch", 0)
+    epoch, batch_in_epoch = position.get("epoch", 0), position.get("batch", 0)
     prompts = list(config.sample_prompts) or all_captions()[::SAMPLE_CAPTION_STRIDE]
     writer, metrics_file = None, None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
-        metrics_file = open(run_dir / "metrics.jsonl", "a")
+        metrics_file = open_metrics(run_dir / "metrics.jsonl", trainer.global_step)
         writer = open_tensorboard(run_dir)
         print(f"global batch {config.batch_size * world * config.gradient_accumulation_steps} "
               f"= batch_size {config.batch_size} x {world} processes x "
@@ -164,10 +182,14 @@ def main(argv=None):
                                 run_dir, trainer.global_step, config.keep_last)
 
     stop = StopFlag()
+
+    def stopping() -> bool:  # a signal stops the run at the end of an accumulation window
+        return stop.signal is not None and not trainer.accumulating
+
     bar = tqdm(total=config.max_steps, initial=trainer.global_step, disable=not is_main,
                dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), trainer.global_step
-    while trainer.global_step < config.max_steps and stop.signal is None:
+    while trainer.global_step < config.max_steps and not stopping():
         batches.set_position(epoch, batch_in_epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
@@ -200,7 +222,7 @@ def main(argv=None):
                 flag = torch.tensor([0 if stop.signal is None else stop.signal])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop.signal = int(flag) or None
-            if step >= config.max_steps or stop.signal is not None:
+            if step >= config.max_steps or stopping():
                 break
         else:
             epoch, batch_in_epoch = epoch + 1, 0

@@ -126,9 +126,23 @@ def save_run_checkpoint(state: dict, run_dir: str | Path, step: int,
     except OSError:
         atomic_save({"format_version": FORMAT_VERSION, **state}, tmp)
     os.replace(tmp, last)
-    for _, old in step_checkpoints(run_dir)[:-keep_last]:
+    # Only files older than this step are pruned, so the one just written always survives
+    # (train.py also refuses to mix two runs in one folder: check_no_newer_run).
+    older = [p for s, p in step_checkpoints(run_dir) if s < step]
+    for old in older[:max(len(older) - (keep_last - 1), 0)]:
         old.unlink(missing_ok=True)
     return path
+
+
+def check_no_newer_run(run_dir: str | Path, step: int) -> None:
+    """Raise ValueError if run_dir holds step checkpoints past `step`: training from `step` in
+    that folder would interleave two runs' checkpoints and rotation would delete one of them."""
+    found = step_checkpoints(run_dir)
+    if found and found[-1][0] > step:
+        raise ValueError(
+            f"output_dir {str(run_dir)!r} already holds checkpoints up to step {found[-1][0]}, "
+            f"past this run's step {step}; pass --resume auto to continue that run, or set "
+            "output_dir to a new folder (--set output_dir=...)")
 
 
 def find_resumable(run_dir: str | Path) -> tuple[Path, dict] | None:

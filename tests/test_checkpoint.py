@@ -10,6 +10,7 @@ from diffusion.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     atomic_save,
+    check_no_newer_run,
     find_resumable,
     load_checkpoint_file,
     save_run_checkpoint,
@@ -60,6 +61,21 @@ def test_rotation_keeps_last_k_and_links_last(tmp_path):
         save_run_checkpoint({**STATE, "step": step}, tmp_path, step, keep_last=2)
     assert [s for s, _ in step_checkpoints(tmp_path)] == [30, 40]
     assert load_checkpoint_file(tmp_path / "last.pt")["step"] == 40
+
+
+def test_rotation_never_deletes_the_checkpoint_it_just_wrote(tmp_path):
+    """Saving step 500 into a folder holding steps 1000-2000 (another run's) keeps the new file
+    and deletes nothing of the other run; check_no_newer_run is what refuses that case."""
+    for step in (1000, 1500, 2000):
+        save_run_checkpoint({**STATE, "step": step}, tmp_path, step, keep_last=3)
+    path = save_run_checkpoint({**STATE, "step": 500}, tmp_path, 500, keep_last=3)
+    assert path.exists() and load_checkpoint_file(tmp_path / "last.pt")["step"] == 500
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [500, 1000, 1500, 2000]
+    with pytest.raises(ValueError, match=r"already holds checkpoints up to step 2000, past this "
+                                         r"run's step 500; pass --resume auto"):
+        check_no_newer_run(tmp_path, 500)
+    check_no_newer_run(tmp_path, 2000)
+    check_no_newer_run(tmp_path / "empty", 0)
 
 
 def test_find_resumable_skips_a_truncated_newest_file(tmp_path):

@@ -128,6 +128,85 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert load(run / "last.pt")["step"] >= 3
 
 
+def test_signal_inside_an_accumulation_window_stops_at_its_end(tmp_path, monkeypatch):
+    """SIGTERM after micro-batch 3 of windows of 2: the run finishes micro-batch 4 (the
+    window's update), then saves a checkpoint with no half-accumulated gradients."""
+    import importlib.util
+
+    from diffusion.trainer import AdvancedDiffusionTrainer
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = write_config(tmp_path, max_steps=100, gradient_accumulation_steps=2,
+                          save_every=1000)
+    train_step, calls = AdvancedDiffusionTrainer.train_step, []
+
+    def step_then_signal(self, batch):
+        metrics = train_step(self, batch)
+        calls.append(metrics["updated"])
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(AdvancedDiffusionTrainer, "train_step", step_then_signal)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert script.main(["--config", str(config)]) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert calls == [False, True, False, True]
+    state = load(tmp_path / "run" / "last.pt")
+    assert state["step"] == 2 and state["counters"]["micro_step"] == 4
+    assert state["accumulation_window"] is None
+
+
+def test_a_run_never_mixes_into_another_runs_folder(tmp_path):
+    """A fresh run into a folder with checkpoints, or a resume from an older checkpoint of it,
+    would interleave two runs (and rotation would prune one): both are refused, nothing is
+    written, and --resume auto continues the run."""
+    config = write_config(tmp_path, max_steps=4, save_every=2)
+    train("--config", config)
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in sorted((run / "checkpoints").iterdir())}
+    metrics = (run / "metrics.jsonl").read_text()
+    fresh = train("--config", config, "--max-steps", 6, check=False)
+    assert fresh.returncode != 0
+    assert "already holds checkpoints up to step 4, past this run's step 0" in fresh.stderr
+    older = train("--config", config, "--max-steps", 6, "--resume",
+                  run / "checkpoints" / "step_00000002.pt", check=False)
+    assert older.returncode != 0 and "past this run's step 2" in older.stderr
+    assert {p.name: p.read_bytes() for p in sorted((run / "checkpoints").iterdir())} == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+    train("--config", config, "--max-steps", 6, "--resume", "auto")
+    assert load(run / "last.pt")["step"] == 6
+
+
+def test_resume_rewrites_metrics_past_the_checkpoint(tmp_path):
+    """A run killed after logging steps 3-4 but before saving step 4 logs them again on
+    resume: metrics.jsonl keeps one line per step (a line cut short by the kill is dropped)."""
+    config = write_config(tmp_path, max_steps=4, save_every=2)
+    train("--config", config)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004.pt").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    train("--config", config, "--resume", "auto", "--max-steps", 4)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_with_another_model_is_a_clear_error(tmp_path):
+    config = write_config(tmp_path, max_steps=2)
+    train("--config", config)
+    result = train("--config", config, "--set", "model_channels=32", "--resume", "auto",
+                   check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "train.py: cannot resume: the checkpoint's model differs from the config in " \
+           "model_channels: checkpoint 16 vs config 32" in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "learning_rat=1e-3"], "did you mean 'learning_rate'"),
     (["--set", "dropout=2.0"], "dropout=2.0 is out of range"),
