@@ -10,6 +10,10 @@ module here carries as attributes (the UNet sets them on all of them at once):
 - `backend`: which SDPA kernel to use. None lets PyTorch choose; "math", "flash" and
   "efficient" restrict it (see ATTENTION_BACKENDS); "explicit" is the written-out
   softmax(Q K^T / sqrt(d)) V, the reference the tests and the FLOP count compare against.
+  CUDA's flash kernel takes no attention mask, so under "flash" a call with a key padding
+  mask (padded prompts in cross-attention) may also use the memory-efficient kernel
+  (`sdpa_backends`): it gives the same result and, like flash, never holds the (N, M)
+  weights. Calls without a mask (self-attention, unpadded text) stay on flash.
 """
 
 import math
@@ -53,6 +57,19 @@ def check_slice_size(slice_size):
     return slice_size
 
 
+def sdpa_backends(backend, masked: bool):
+    """The SDPA kernels `attention()` allows for `backend`, or None (PyTorch picks).
+
+    "flash" with a mask also allows the memory-efficient kernel: CUDA's flash kernel takes
+    no mask and SDPA would fail with "No available kernel". PyTorch tries flash first, so the
+    CPU (whose flash kernel takes masks) and unmasked calls still run flash.
+    """
+    kernels = ATTENTION_BACKENDS[backend]
+    if backend == "flash" and masked:
+        return [*kernels, SDPBackend.EFFICIENT_ATTENTION]
+    return kernels
+
+
 def explicit_attention(q, k, v, attn_mask=None):
     """softmax(Q K^T / sqrt(d)) V written out (Vaswani et al. 2017, eq. 1).
 
@@ -70,6 +87,7 @@ def attention(q, k, v, key_padding_mask=None, slice_size=None, backend=None):
 
     q: (B, h, N, d), k: (B, h, M, d), v: (B, h, M, d_v); key_padding_mask: (B, M) bool,
     True for real tokens (False keys get zero weight). Returns (B, h, N, d_v).
+    backend="flash" with a mask may run the memory-efficient kernel (`sdpa_backends`).
     """
     attn_mask = None
     if key_padding_mask is not None:
@@ -78,7 +96,7 @@ def attention(q, k, v, key_padding_mask=None, slice_size=None, backend=None):
     def one(q_part):
         if backend == "explicit":
             return explicit_attention(q_part, k, v, attn_mask)
-        kernels = ATTENTION_BACKENDS[backend]
+        kernels = sdpa_backends(backend, attn_mask is not None)
         if kernels is None:
             return F.scaled_dot_product_attention(q_part, k, v, attn_mask=attn_mask)
         with sdpa_kernel(kernels):

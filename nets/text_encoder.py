@@ -122,7 +122,8 @@ class TextEncoder(nn.Module):
     expects. Build it with `TextEncoder.from_config(config)` (text_encoder_width,
     text_encoder_layers, max_text_length, context_dim).
 
-    forward(input_ids: (B, L) int64, attention_mask: (B, L) bool | None)
+    forward(input_ids: (B, L) int64 ids in [0, VOCAB_SIZE) (other integer dtypes are cast),
+            attention_mask: (B, L) bool | None)
       -> (hidden_states: (B, L, context_dim), attention_mask: (B, L) bool, True = real).
     `encode(prompts)` tokenises and runs forward in one call.
     """
@@ -168,6 +169,17 @@ class TextEncoder(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (B, L) int64 tensor; got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or (
+                input_ids.dtype == torch.bool):
+            raise TypeError(f"input_ids must be a (B, L) int64 tensor of token ids; got dtype "
+                            f"{input_ids.dtype}")
+        if input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= VOCAB_SIZE:
+                bad = low if low < 0 else high
+                raise ValueError(f"input_ids must be token ids in [0, {VOCAB_SIZE}) (bytes "
+                                 f"0..255, PAD {PAD_ID}, BOS {BOS_ID}, EOS {EOS_ID}); got "
+                                 f"{bad}")
         if input_ids.shape[1] > self.max_length:
             raise ValueError(f"input_ids length must be at most max_text_length="
                              f"{self.max_length}; got shape {tuple(input_ids.shape)}")
@@ -177,7 +189,8 @@ class TextEncoder(nn.Module):
             check_mask_shape(input_ids, attention_mask)
         attention_mask = attention_mask.bool()
         length = input_ids.shape[1]
-        x = self.token_embedding(input_ids) + self.position_embedding[:length]  # (B, L, width)
+        x = self.token_embedding(input_ids.long())  # (B, L, width)
+        x = x + self.position_embedding[:length]
         for block in self.blocks:
             x = block(x, key_padding_mask=attention_mask)
         return self.proj(self.norm(x)), attention_mask  # (B, L, context_dim), (B, L)

@@ -36,6 +36,8 @@ from .cpu import Conv2d, Linear, memory_format_of
 from .embeddings import TimestepEmbedding, timesteps_as_batch
 
 TIME_EMBED_MULT = 4  # timestep-embedding width / model_channels (guided-diffusion)
+# input dtypes autocast converts to its compute dtype (float64 it leaves alone)
+AUTOCAST_INPUT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def cpu_has_fast_low_precision(dtype: torch.dtype) -> bool:
@@ -309,6 +311,26 @@ class UNet(nn.Module):
         self.set_attention_backend(None)
 
     # ---- forward ----
+    def _check_dtypes(self, sample, context) -> None:
+        """sample and context must be floating and in the parameters' dtype (a float64 array
+        from numpy would otherwise fail inside the first conv). Under autocast on their
+        device float32, float16 and bfloat16 are also accepted: autocast casts those (never
+        float64) to the compute dtype. Other checks are _check_inputs'."""
+        dtype = self.conv_in.weight.dtype
+        for name, x in (("sample", sample), ("encoder_hidden_states", context)):
+            if not isinstance(x, torch.Tensor):
+                continue  # None, or not a tensor: _check_inputs says what is wrong
+            allowed = {dtype}
+            if torch.is_autocast_enabled(x.device.type):
+                allowed |= AUTOCAST_INPUT_DTYPES
+            if x.dtype not in allowed:
+                under = " under autocast" if len(allowed) > 1 else ""
+                raise TypeError(
+                    f"{name} must be a float tensor of dtype "
+                    f"{' or '.join(sorted(str(d) for d in allowed))} (the model's parameters "
+                    f"are {dtype}{under}); got dtype {x.dtype}. Convert it, e.g. "
+                    f"{name}.to({dtype})")
+
     def _check_inputs(self, sample, context, key_padding_mask):
         """Validate the inputs; return key_padding_mask as bool, or None when all real."""
         if not isinstance(sample, torch.Tensor):
@@ -317,8 +339,6 @@ class UNet(nn.Module):
         if sample.dim() != 4 or sample.shape[1] != self.in_channels:
             raise ValueError(f"sample must have shape (B, in_channels={self.in_channels}, H, W);"
                              f" got {tuple(sample.shape)}")
-        if not sample.is_floating_point():
-            raise TypeError(f"sample must be a float tensor; got dtype {sample.dtype}")
         factor = self.downsampling_factor
         if sample.shape[-2] % factor or sample.shape[-1] % factor:
             raise ValueError(
@@ -381,6 +401,7 @@ class UNet(nn.Module):
                 and uses_packed_weight(sample))
 
     def forward(self, sample, timestep, context=None, key_padding_mask=None):
+        self._check_dtypes(sample, context)  # before the fallback below casts to fp32
         if (self.fp32_when_cpu_autocast_is_slow and isinstance(sample, torch.Tensor)
                 and sample.device.type == "cpu"
                 and torch.is_autocast_enabled("cpu")

@@ -83,11 +83,13 @@ def test_autocast_close_to_fp32(dtype):
     assert 1e-5 < relative_error(out, ref) < 0.05
 
 
-@pytest.mark.parametrize("backend, masked", [("flash", False), ("efficient", True),
-                                             ("efficient", False), ("math", True)])
+@pytest.mark.parametrize("backend, masked", [("flash", False), ("flash", True),
+                                             ("efficient", True), ("efficient", False),
+                                             ("math", True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_attention_kernels_match_explicit_softmax(backend, masked, dtype):
-    """The flash kernel takes no mask, so it is checked on unpadded keys."""
+    """CUDA's flash kernel takes no mask: "flash" with padded keys runs the memory-efficient
+    kernel (nets.attention.sdpa_backends) instead of failing with "No available kernel"."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, n, 32, generator=gen) for n in (64, 77, 77))
     mask = torch.ones(2, 77, dtype=torch.bool)
@@ -100,6 +102,20 @@ def test_fused_attention_kernels_match_explicit_softmax(backend, masked, dtype):
     out = attention(*low, key_padding_mask=mask.to(CUDA) if masked else None, backend=backend)
     # one rounding of the inputs and the output: a few units of the 8/11-bit mantissa
     assert relative_error(out, ref) < (2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+def test_unet_with_flash_backend_and_padded_prompts_runs_and_matches_the_default():
+    """The UNet under fp16 autocast with set_attention_backend("flash") and a padded prompt:
+    self-attention runs flash, the masked cross-attention falls back to the efficient kernel."""
+    config, model, _ = randomized_model()
+    model.to(CUDA)
+    inputs = [v.to(CUDA) for v in model_inputs(config)]  # row 0 of the mask is padded
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        ref = model(*inputs)["sample"]
+        model.unet.set_attention_backend("flash")
+        out = model(*inputs)["sample"]
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) < 1e-2
 
 
 def shapes_batch(config, size=8):

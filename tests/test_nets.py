@@ -1,30 +1,44 @@
 """Tests of nets/: shapes, gradients, toggles that must not change numbers, padding
 invariance, clear errors, and the guide's two configurations."""
 
+import math
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize
+from torch import nn
+from torch.nn.attention import SDPBackend
 
 from diffusion import DiffusionConfig
 from nets import (
     AdvancedUNet,
+    AttentionBlock,
+    BasicTransformerBlock,
+    ByteTokenizer,
     CrossAttention,
+    DownBlock,
+    Downsample,
     Dropout,
+    FeedForward,
     ResBlock,
     SpatialTransformer,
     TextEncoder,
     UNet,
+    Upsample,
     attention,
     cpu_has_fast_low_precision,
     explicit_attention,
     masked_mean,
     norm_groups,
     timestep_embedding,
+    timesteps_as_batch,
     trim_padding,
 )
+from nets.attention import ATTENTION_BACKENDS, sdpa_backends
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -125,6 +139,177 @@ def test_norm_groups_rule():
     assert [norm_groups(c) for c in (8, 16, 32, 48, 128, 1024, 3)] == [8, 16, 32, 16, 32, 32, 1]
 
 
+# ---- architecture: each block against its formula written out by hand ----
+# The references below use only torch.nn.functional and the block's own parameters, so a
+# change to the math of a block (an operand swapped, a norm moved, a residual dropped) fails.
+
+def group_norm(norm, x):
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+def layer_norm(norm, x):
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def conv(layer, x):
+    return F.conv2d(x, layer.weight, layer.bias, padding=layer.padding)
+
+
+def resblock_reference(block, x, emb, resample=None, drop=lambda h: h):
+    """h = conv1(SiLU(GN(x))); GN(h) * (1 + scale) + shift (or GN(h + e)); then
+    conv2(drop(SiLU(h))) + skip(x) (guided-diffusion's ResBlock)."""
+    h = F.silu(group_norm(block.norm1, x))
+    if resample == "up":
+        h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
+    elif resample == "down":
+        h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+    h = conv(block.conv1, h)
+    e = F.linear(F.silu(emb), block.emb_proj.weight, block.emb_proj.bias)[:, :, None, None]
+    if block.use_scale_shift_norm:
+        c = block.out_channels
+        scale, shift = e[:, :c], e[:, c:]
+        h = group_norm(block.norm2, h) * (1 + scale) + shift
+    else:
+        h = group_norm(block.norm2, h + e)
+    h = conv(block.conv2, drop(F.silu(h)))
+    skip = x if block.in_channels == block.out_channels else conv(block.skip, x)
+    return skip + h
+
+
+def attention_reference(layer, x, context=None, mask=None):
+    """CrossAttention written out: per head softmax(Q K^T / sqrt(d)) V, heads concatenated,
+    then to_out. x: (B, N, D), context: (B, M, D_c), mask: (B, M) bool, True = real."""
+    b, n, _ = x.shape
+    if layer.is_cross_attention:
+        q = x @ layer.to_q.weight.T
+        k, v = (context @ layer.to_kv.weight.T).chunk(2, dim=-1)
+    else:
+        q, k, v = (x @ layer.to_qkv.weight.T).chunk(3, dim=-1)
+
+    def heads(y):  # (B, L, h * d) -> (B, h, L, d)
+        return y.reshape(b, y.shape[1], layer.heads, layer.dim_head).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(layer.dim_head)  # (B, h, N, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)  # (B, N, h * d)
+    return F.linear(out, layer.to_out[0].weight, layer.to_out[0].bias)
+
+
+def feed_forward_reference(ff, x):
+    """GEGLU (Shazeer 2020): a * GELU(g) with [a, g] = x W + b, then Linear; or Linear-GELU."""
+    first, last = ff.net[0], ff.net[2]
+    if hasattr(first, "proj"):
+        a, g = F.linear(x, first.proj.weight, first.proj.bias).chunk(2, dim=-1)
+        h = a * F.gelu(g)
+    else:
+        h = F.gelu(F.linear(x, first[0].weight, first[0].bias))
+    return F.linear(h, last.weight, last.bias)
+
+
+def transformer_block_reference(block, x, context=None, mask=None):
+    """Pre-norm: x += attn1(LN(x)); x += attn2(LN(x), context); x += ff(LN(x))."""
+    x = x + attention_reference(block.attn1, layer_norm(block.norm1, x))
+    if block.attn2 is not None:
+        x = x + attention_reference(block.attn2, layer_norm(block.norm2, x), context, mask)
+    return x + feed_forward_reference(block.ff, layer_norm(block.norm3, x))
+
+
+def pixels(x):
+    return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+
+
+def unpixels(tokens, like):
+    return tokens.transpose(1, 2).reshape(like.shape)  # (B, HW, C) -> (B, C, H, W)
+
+
+# Without scale-shift the embedding is added before GroupNorm, which removes its mean over each
+# group: with one channel per group (norm_groups(c) == c, c <= 32) it would vanish entirely,
+# so those cases use 64 channels (32 groups of 2).
+@pytest.mark.parametrize("scale_shift, c_in, c_out, resample", [
+    (True, 8, 16, None), (False, 16, 64, None), (True, 16, 16, "up"), (False, 64, 64, "down")])
+def test_resblock_matches_its_formula(scale_shift, c_in, c_out, resample):
+    block = ResBlock(c_in, 12, c_out, use_scale_shift_norm=scale_shift, up=resample == "up",
+                     down=resample == "down")
+    randomize(block)  # conv2 is zero at init; random weights make every term count
+    x, emb = torch.randn(2, c_in, 8, 8), torch.randn(2, 12)
+    out = block(x, emb)
+    torch.testing.assert_close(out, resblock_reference(block, x, emb, resample),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(block(x, emb + 1), out, atol=1e-3)  # the timestep matters
+
+
+class FixedMask(nn.Module):
+    """A deterministic stand-in for dropout: multiplies by a fixed mask."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def test_resblock_dropout_is_active_in_training_only_and_where_documented():
+    block = ResBlock(8, 12, 8, dropout=0.5)
+    randomize(block)
+    x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    block.train()
+    assert not torch.allclose(block(x, emb), block(x, emb), atol=1e-3)  # a mask per call
+    block.eval()
+    out = block(x, emb)
+    assert torch.equal(block(x, emb), out)
+    torch.testing.assert_close(out, resblock_reference(block, x, emb), atol=1e-5, rtol=1e-5)
+    mask = (torch.rand(2, 8, 8, 8) > 0.5) * 2.0
+    block.dropout = FixedMask(mask)  # h = conv2(dropout(SiLU(h))): the mask goes there
+    torch.testing.assert_close(block(x, emb),
+                               resblock_reference(block, x, emb, drop=lambda h: h * mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_feed_forward_matches_its_formula(glu):
+    ff = FeedForward(8, mult=2, glu=glu)
+    randomize(ff)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(ff(x), feed_forward_reference(ff, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context_dim", [None, 6])
+def test_basic_transformer_block_matches_its_formula(context_dim):
+    block = BasicTransformerBlock(8, 2, 4, context_dim=context_dim)
+    randomize(block)
+    x, context = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    if context_dim is None:
+        context = mask = None
+    torch.testing.assert_close(block(x, context, mask),
+                               transformer_block_reference(block, x, context, mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_transformer_is_x_plus_its_branch():
+    block = SpatialTransformer(16, 2, 4, depth=2, context_dim=6)  # inner width 8
+    randomize(block)
+    x, context = torch.randn(2, 16, 4, 4), torch.randn(2, 3, 6)
+    mask = torch.tensor([[True] * 3, [True, False, False]])
+    h = F.linear(pixels(group_norm(block.norm, x)), block.proj_in.weight, block.proj_in.bias)
+    for transformer_block in block.transformer_blocks:
+        h = transformer_block_reference(transformer_block, h, context, mask)
+    h = F.linear(h, block.proj_out.weight, block.proj_out.bias)  # (B, HW, C)
+    torch.testing.assert_close(block(x, context, mask), x + unpixels(h, x),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_attention_block_is_x_plus_its_branch():
+    block = AttentionBlock(16, 2)
+    randomize(block)
+    x = torch.randn(2, 16, 4, 4)
+    branch = attention_reference(block.attn, pixels(group_norm(block.norm, x)))
+    torch.testing.assert_close(block(x), x + unpixels(branch, x), atol=1e-5, rtol=1e-5)
+
+
 # ---- gradients and initialisation ----
 
 @pytest.mark.parametrize("pooled", [False, True])
@@ -139,16 +324,30 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(pooled):
         assert p.grad.abs().sum() > 0, name
 
 
-def test_init_weights_zero_residual_outputs():
-    model = build(attention_resolutions=(16, 8))
+@pytest.mark.parametrize("spatial", [True, False])
+def test_init_weights_zero_residual_outputs(spatial):
+    model = build(attention_resolutions=(16, 8), use_spatial_transformer=spatial)
     unet = model.unet
     assert unet.conv_out.weight.abs().sum() == 0
+    attention_blocks = []
     for module in model.modules():
         if isinstance(module, ResBlock):
             assert module.conv2.weight.abs().sum() == 0
             assert module.conv1.weight.std() > 0
         if isinstance(module, SpatialTransformer):
             assert module.proj_out.weight.abs().sum() == 0
+            attention_blocks.append(module)
+        if isinstance(module, AttentionBlock):
+            assert module.attn.to_out[0].weight.abs().sum() == 0
+            assert module.attn.to_qkv.weight.std() > 0
+            attention_blocks.append(module)
+    assert len(attention_blocks) == 7  # 1 down + 2 up at each of the two levels, 1 mid
+
+    def starts_as_identity(module, args, output):
+        torch.testing.assert_close(output, args[0], atol=0, rtol=0)
+
+    for module in attention_blocks:
+        module.register_forward_hook(starts_as_identity)
     x, t, context = inputs(model.config)
     out = run(model, x, t, context)
     assert out.abs().max() == 0  # an untrained model predicts zeros
@@ -180,6 +379,48 @@ def test_gradient_checkpointing_same_outputs_and_grads():
                                    msg=name)
 
 
+def test_gradient_checkpointing_recomputes_every_block_in_the_backward_pass():
+    """With checkpointing each ResBlock and attention block runs twice per forward+backward
+    (forward, then recomputation), without it once; under no_grad once either way."""
+    model = build(attention_resolutions=(16, 8))
+    randomize(model)
+    x, t, context = inputs(model.config)
+    blocks = [m for m in model.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    calls = []
+    for block in blocks:  # a pre-hook: the recomputation stops once it has what it needs
+        block.register_forward_pre_hook(lambda module, args: calls.append(module))
+    for checkpointing, grad, runs in ((False, True, 1), (True, True, 2), (True, False, 1)):
+        if checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        else:
+            model.unet.disable_gradient_checkpointing()
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            out = run(model, x, t, context)
+        if grad:
+            out.square().mean().backward()
+        assert [sum(c is b for c in calls) for b in blocks] == [runs] * len(blocks), (
+            checkpointing, grad)
+
+
+def test_gradient_checkpointing_is_non_reentrant():
+    """Non-reentrant checkpointing gives parameter gradients even when no input of the block
+    requires grad; reentrant checkpointing (use_reentrant=True) would give none."""
+    block = DownBlock([ResBlock(8, 12, 8, dropout=0.1)], [], None)
+    randomize(block)
+    x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)  # neither requires grad
+    grads = []
+    for checkpointing in (False, True):
+        block.gradient_checkpointing = checkpointing
+        block.zero_grad()
+        torch.manual_seed(3)  # same dropout mask
+        block(x, emb)[0].square().mean().backward()
+        grads.append({n: p.grad for n, p in block.named_parameters()})
+    for name, grad in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_config_gradient_checkpointing_is_applied_at_construction():
     assert build(gradient_checkpointing=True).unet.is_gradient_checkpointing
     assert not build(gradient_checkpointing=False).unet.is_gradient_checkpointing
@@ -204,6 +445,33 @@ def test_sdpa_matches_explicit_softmax_reference_with_padding():
     for slice_size in (1, 3, "auto", 100):
         torch.testing.assert_close(attention(q, k, v, mask, slice_size=slice_size), out,
                                    atol=1e-6, rtol=0)
+
+
+def test_flash_backend_with_a_padding_mask_also_allows_the_efficient_kernel(monkeypatch):
+    """CUDA's flash kernel takes no mask: under backend="flash" a masked call may fall back to
+    the memory-efficient kernel instead of failing with "No available kernel"; unmasked calls
+    and the other backends ask for exactly their kernels."""
+    flash, efficient = SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
+    assert sdpa_backends("flash", masked=False) == [flash]
+    assert sdpa_backends("flash", masked=True) == [flash, efficient]
+    for backend in (None, "math", "efficient"):
+        for masked in (False, True):
+            assert sdpa_backends(backend, masked) == ATTENTION_BACKENDS[backend]
+    attention_module = sys.modules["nets.attention"]  # `nets.attention` is the function
+    requested, sdpa_kernel = [], attention_module.sdpa_kernel
+
+    def recording_sdpa_kernel(kernels):
+        requested.append(list(kernels))
+        return sdpa_kernel(kernels)
+
+    monkeypatch.setattr(attention_module, "sdpa_kernel", recording_sdpa_kernel)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=gen) for n in (5, 4, 4))
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    ref = explicit_attention(q, k, v, mask[:, None, None])
+    torch.testing.assert_close(attention(q, k, v, mask, backend="flash"), ref)
+    attention(q, k, v, None, backend="flash")
+    assert requested == [[flash, efficient], [flash]]
 
 
 def test_slicing_and_backends_do_not_change_the_unet():
@@ -279,15 +547,54 @@ def test_pooled_text_conditioning_reaches_a_level_without_attention():
 
 # ---- memory formats and precision ----
 
-def test_channels_last_matches_contiguous():
+def record_conv_out_formats(model):
+    """Memory formats conv_out's input had, one per call: 'contiguous' or 'channels_last'."""
+    formats = []
+
+    def hook(module, args):
+        formats.append("contiguous" if args[0].is_contiguous() else "channels_last")
+
+    model.unet.conv_out.register_forward_pre_hook(hook)
+    return formats
+
+
+def test_channels_last_matches_contiguous(monkeypatch):
+    """Inference: a channels_last model and input against the same model run contiguous all
+    the way through (without turning UNet.channels_last_cpu_inference off, the reference would
+    switch to channels_last inside too and the test would compare the format with itself)."""
     model = build(attention_resolutions=(16, 8))
     randomize(model)
     x, t, context = inputs(model.config)
+    formats = record_conv_out_formats(model)
     with torch.no_grad():
-        ref = run(model, x, t, context)
+        with monkeypatch.context() as patch:
+            patch.setattr(UNet, "channels_last_cpu_inference", False)
+            ref = run(model, x, t, context)
         model.to(memory_format=torch.channels_last)
         out = run(model, x.contiguous(memory_format=torch.channels_last), t, context)
+    assert formats == ["contiguous", "channels_last"]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_training_matches_contiguous():
+    """Training (autograd on, no inference switch): outputs and gradients agree to float
+    rounding between a contiguous and a channels_last model and input."""
+    model = build(attention_resolutions=(16, 8))
+    randomize(model)
+    x, t, context = inputs(model.config)
+    formats = record_conv_out_formats(model)
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=memory_format)
+        model.zero_grad()
+        out = run(model, x.contiguous(memory_format=memory_format), t, context)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert formats == ["contiguous", "channels_last"]
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("force_low_precision", [False, True])
@@ -386,6 +693,15 @@ def test_text_encoder_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids "
                                          r"\(2, 10\); got \(2, 9\)"):
         encoder(ids, mask[:, :9])
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(TypeError, match=r"input_ids must be a \(B, L\) int64 tensor of "
+                                            rf"token ids; got dtype {dtype}"):
+            encoder(ids.to(dtype))
+    for bad in (300, 259, -1):
+        with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, 259\) "
+                                             rf".*; got {bad}$"):
+            encoder(torch.where(mask, ids, bad))
+    torch.testing.assert_close(encoder(ids.int())[0], encoder(ids)[0])  # int32 is cast
 
 
 @pytest.mark.parametrize("pooled", [False, True])
@@ -439,9 +755,76 @@ def test_bad_inputs_raise_clear_errors():
         model(x, "5", context)
     with pytest.raises(TypeError, match="sample must be a"):
         model(x.numpy(), t, context)
+    with pytest.raises(TypeError, match=r"sample must be a float tensor of dtype torch.float32 "
+                                        r".*; got dtype torch.int64"):
+        model(x.long(), t, context)
     plain = build(use_spatial_transformer=False)
     with pytest.raises(ValueError, match="without cross-attention"):
         plain(x, t, context)
+
+
+def test_input_dtypes_must_match_the_model():
+    """float64 (numpy's default) or integer inputs get a clear error, not one from inside a
+    conv or matmul; under autocast float32/float16/bfloat16 inputs are all accepted."""
+    model = build()
+    randomize(model)
+    x, t, context = inputs(model.config)
+    bad = [("sample", (x.double(), t, context), torch.float64),
+           ("sample", (torch.from_numpy(x.numpy().astype("float64")), t, context),
+            torch.float64),
+           ("encoder_hidden_states", (x, t, context.double()), torch.float64),
+           ("encoder_hidden_states", (x, t, context.long()), torch.int64),
+           ("sample", (x.bfloat16(), t, context), torch.bfloat16)]
+    for name, args, dtype in bad:
+        with pytest.raises(TypeError, match=rf"{name} must be a float tensor of dtype "
+                                            rf"torch.float32 \(the model's parameters are "
+                                            rf"torch.float32\); got dtype {dtype}\. "):
+            model(*args)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the emulated-bf16 fallback's warning
+        out = model(x.bfloat16(), t, context.half())["sample"]
+        assert torch.isfinite(out).all()
+        with pytest.raises(TypeError, match=r"sample must be a float tensor of dtype "
+                                            r"torch.bfloat16 or torch.float16 or torch.float32 "
+                                            r"\(.* under autocast\); got dtype torch.float64"):
+            model(x.double(), t, context)
+    model.double()  # a float64 model takes float64 inputs
+    with torch.no_grad():
+        assert model(x.double(), t, context.double())["sample"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: Downsample(8, use_conv=False, out_channels=16), ValueError,
+     "Downsample without a conv keeps the channels; got channels=8, out_channels=16"),
+    (lambda: Upsample(8, use_conv=False, out_channels=4), ValueError,
+     "Upsample without a conv keeps the channels; got channels=8, out_channels=4"),
+    (lambda: ResBlock(8, 12, up=True, down=True), ValueError,
+     "ResBlock takes up=True or down=True, not both"),
+    (lambda: timesteps_as_batch(torch.tensor([True, False]), 2, "cpu"), TypeError,
+     "timestep must be an integer or float tensor; got dtype torch.bool"),
+    (lambda: timesteps_as_batch(torch.tensor([1j, 2j]), 2, "cpu"), TypeError,
+     "timestep must be an integer or float tensor; got dtype torch.complex64"),
+    (lambda: CrossAttention(8, None, 2, 4)(torch.randn(1, 3, 8), torch.randn(1, 2, 8)),
+     ValueError, r"context was passed to a self-attention layer \(built with context_dim=None\)"),
+    (lambda: CrossAttention(8, 6, 2, 4)(torch.randn(1, 3, 8)), ValueError,
+     r"cross-attention needs context \(B, M, 6\); got None"),
+    (lambda: ByteTokenizer(1), ValueError, r"max_length=1 must be an int >= 2"),
+    (lambda: ByteTokenizer(True), ValueError, r"max_length=True must be an int >= 2"),
+    (lambda: ByteTokenizer(10)(["ok", 3]), TypeError, "prompt must be a str; got int"),
+    (lambda: ByteTokenizer(10)(b"ok"), TypeError,
+     "prompts must be a str or a list of str; got bytes"),
+])
+def test_block_and_tokenizer_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_init_weights_rejects_a_module_it_has_no_rule_for():
+    model = build()
+    model.unet.extra = nn.PReLU()  # has a parameter, matches no rule
+    with pytest.raises(TypeError, match="_init_weights does not know how to initialise PReLU; "
+                                        "add a rule for it here"):
+        model._init_weights()
 
 
 def test_bad_construction_raises_clear_errors():
