@@ -2,6 +2,7 @@
 Dhariwal & Nichol 2021, "guided-diffusion"), and the GroupNorm rule they share."""
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,9 @@ class ResBlock(nn.Module):
     when `use_scale_shift_norm` (else h = GN(h + Linear(SiLU(emb))));  h = conv(dropout(SiLU(h)));
     return skip(x) + h, where skip is the identity or a 1x1 conv when the channels change.
     `up` / `down` resample both paths inside the block (nearest / average pooling), as
-    guided-diffusion's `resblock_updown`.
+    guided-diffusion's `resblock_updown`. Without scale-shift, GN removes each group's mean,
+    so with one channel per group (out_channels <= 32, see norm_groups) the added embedding
+    has no effect at all: the block warns.
 
     x: (B, in_channels, H, W), emb: (B, emb_channels) -> (B, out_channels, H', W').
     """
@@ -142,6 +145,11 @@ class ResBlock(nn.Module):
         self.emb_proj = Linear(emb_channels,
                                2 * out_channels if use_scale_shift_norm else out_channels)
         self.norm2 = Normalize(out_channels)
+        if not use_scale_shift_norm and self.norm2.num_groups == out_channels:
+            warnings.warn(f"ResBlock(out_channels={out_channels}, use_scale_shift_norm=False): "
+                          f"GroupNorm has one channel per group here and removes the added "
+                          f"timestep embedding entirely; use use_scale_shift_norm=True or "
+                          f"more than {MAX_NORM_GROUPS} channels", stacklevel=2)
         self.dropout = Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised
         self.skip = (nn.Identity() if out_channels == in_channels

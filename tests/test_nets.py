@@ -240,6 +240,20 @@ def test_resblock_matches_its_formula(scale_shift, c_in, c_out, resample):
     assert not torch.allclose(block(x, emb + 1), out, atol=1e-3)  # the timestep matters
 
 
+def test_resblock_warns_when_its_added_embedding_would_vanish():
+    """Without scale-shift at <= 32 channels (one channel per group) GroupNorm removes the
+    embedding: the block says so, and the timestep indeed changes nothing."""
+    with pytest.warns(UserWarning, match=r"out_channels=16, use_scale_shift_norm=False.*removes"):
+        block = ResBlock(16, 12, 16, use_scale_shift_norm=False)
+    randomize(block)
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 12)
+    torch.testing.assert_close(block(x, emb + 1), block(x, emb), atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ResBlock(64, 12, 64, use_scale_shift_norm=False)
+        ResBlock(16, 12, 16, use_scale_shift_norm=True)
+
+
 class FixedMask(nn.Module):
     """A deterministic stand-in for dropout: multiplies by a fixed mask."""
 
