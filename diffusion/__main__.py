@@ -23,9 +23,22 @@ def run(sampler: str, steps: int, num_samples: int, prediction_type: str, seed: 
     return x.mean().item(), x.std().item(), (x > 0).double().mean().item()
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (0 samples has no mean; a negative count is meaningless)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer (>= 1)")
+    return value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-samples", type=int, default=20_000)
+    parser = argparse.ArgumentParser(prog="python -m diffusion",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=positive_int, default=20_000,
+                        help="samples per sampler (an int >= 1)")
     parser.add_argument("--prediction-type", default="epsilon",
                         choices=["epsilon", "v_prediction", "sample"])
     parser.add_argument("--seed", type=int, default=0)

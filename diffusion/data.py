@@ -329,6 +329,13 @@ def shapes_adherence(images, prompts: Sequence[str]) -> dict:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 METADATA_FILE = "metadata.jsonl"
 CHANNEL_MODES = {1: "L", 3: "RGB"}  # in_channels -> PIL mode
+# Greyscale PIL modes with more than 8 bits per pixel -> the value that means white. PIL's
+# convert("L"/"RGB") clips these at 255 instead of scaling them, so a 16-bit PNG's mid-grey
+# (32768) would load as white; they are scaled to [0, 1] floats instead. Pillow opens 16-bit
+# greyscale PNGs as "I;16" (older versions: "I", which holds the same 0..65535 values); "F" is
+# taken to hold [0, 1]. (16-bit RGB(A) PNGs open as 8-bit "RGB"/"RGBA", correctly scaled.)
+HIGH_DEPTH_WHITE: dict[str, float] = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535,
+                                      "I;16N": 65535, "I": 65535, "F": 1.0}
 FLIP_PROBABILITY = 0.5
 # What a broken file can raise while PIL decodes it (truncated, garbage, hostile sizes).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
@@ -377,6 +384,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     keys, a file that does not exist, a repeat) is a ValueError naming the line.
     Pixels: EXIF orientation applied, converted to RGB (in_channels=3; alpha dropped) or L
     (in_channels=1), shorter side resized to `sample_size` (bicubic), centre crop.
+    High-bit-depth greyscale (16-bit PNGs; PIL modes in HIGH_DEPTH_WHITE) is scaled, not
+    clipped: 0 -> -1, 65535 -> +1, at full precision, repeated over RGB for in_channels=3. A file
+    whose values lie outside its mode's range is skipped like an unreadable one.
     Flips: with `random_flip`, item i of epoch e is mirrored with probability 1/2 decided by
     (seed, e, i) alone; call `set_epoch(e)` each epoch (the global RNG is never used).
     Unreadable files: a file PIL cannot decode is skipped with one warning, counted in
@@ -398,6 +408,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                              "(1: greyscale, 3: RGB)")
         self.root, self.sample_size, self.random_flip = root, sample_size, bool(random_flip)
         self.seed, self.mode, self.epoch = seed, CHANNEL_MODES[in_channels], 0
+        self.in_channels = in_channels
         self.paths = sorted((p for p in root.rglob("*")
                              if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
                             key=lambda p: p.relative_to(root).as_posix())
@@ -436,13 +447,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def load(self, path: Path) -> Image.Image:
-        """Decode, orient, convert, resize the shorter side and centre-crop one file."""
+        """Decode, orient, convert, resize the shorter side and centre-crop one file.
+
+        Returns mode L/RGB (self.mode), or mode F in [0, 1] for high-bit-depth greyscale.
+        """
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
-            if "transparency" in image.info:  # palette transparency must pass through RGBA
-                image = image.convert("RGBA")
-            image = image.convert(self.mode)
+            if image.mode in HIGH_DEPTH_WHITE:
+                image = unit_float_image(image)
+            else:
+                if "transparency" in image.info:  # palette transparency must pass through RGBA
+                    image = image.convert("RGBA")
+                image = image.convert(self.mode)
         return resize_center_crop(image, self.sample_size)
 
     def __getitem__(self, index: int) -> dict:
@@ -462,16 +479,42 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 warnings.warn(f"skipping unreadable image {self.paths[candidate]} "
                               f"({type(err).__name__}: {err})", stacklevel=2)
                 continue
-            pixels = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
+            if image.mode == "F":  # bicubic may overshoot [0, 1] a little
+                pixels = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)  # (H, W)
+            else:
+                pixels = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
             if self.random_flip and self._flips(index):
                 pixels = pixels[:, ::-1]
-            return {"image": _uint8_to_tensor(pixels), "text": self.captions[candidate]}
+            tensor = _uint8_to_tensor(pixels) if pixels.dtype == np.uint8 else \
+                _unit_to_tensor(pixels, self.in_channels)
+            return {"image": tensor, "text": self.captions[candidate]}
         raise RuntimeError(f"none of the {len(self)} images in {str(self.root)!r} could be "
                            "read; see the warnings above")
 
     def _flips(self, index: int) -> bool:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return bool(rng.random() < FLIP_PROBABILITY)
+
+
+def unit_float_image(image: Image.Image) -> Image.Image:
+    """A high-bit-depth greyscale image (a HIGH_DEPTH_WHITE mode) -> mode F scaled to [0, 1].
+
+    ValueError when a value is NaN or lies outside [0, white] (e.g. a 32-bit "I" image beyond
+    16 bits).
+    """
+    white = HIGH_DEPTH_WHITE[image.mode]
+    values = np.asarray(image).astype(np.float64)  # (H, W)
+    low, high = float(values.min()), float(values.max())
+    if not (0 <= low and high <= white):  # NaN fails both comparisons
+        raise ValueError(f"mode {image.mode!r} pixel values must lie in [0, {white:g}]; got "
+                         f"values in [{low:g}, {high:g}]")
+    return Image.fromarray((values / white).astype(np.float32))  # mode F
+
+
+def _unit_to_tensor(pixels: np.ndarray, channels: int) -> torch.Tensor:
+    """(H, W) greyscale float in [0, 1] -> (channels, H, W) float32 in [-1, 1]."""
+    image = torch.from_numpy(pixels.astype(np.float32, copy=True))  # (H, W), writable
+    return (image * 2.0 - 1.0).expand(channels, *image.shape).contiguous()  # (C, H, W)
 
 
 def resize_center_crop(image: Image.Image, sample_size: int) -> Image.Image:

@@ -9,7 +9,7 @@ Every loss takes `reduction`:
 
 import torch
 
-from .targets import as_alphas_cumprod, broadcast_to_sample, min_snr_weight
+from .targets import as_alphas_cumprod, broadcast_to_sample, check_prediction_type, min_snr_weight
 
 REDUCTIONS = ("mean", "per_sample", "none")
 
@@ -19,10 +19,11 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
-    if pred.shape != target.shape:
-        raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape "
-                         f"{tuple(target.shape)}; they must match")
+def _check_pair(pred: torch.Tensor, other: torch.Tensor, name: str = "target") -> None:
+    """ValueError unless `other` (called `name` in the message) has pred's shape."""
+    if pred.shape != other.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)} but {name} has shape "
+                         f"{tuple(other.shape)}; they must match")
 
 
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -30,6 +31,9 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()
     if reduction == "per_sample":
+        if loss.ndim == 0:
+            raise ValueError("reduction='per_sample' needs inputs with a batch dimension "
+                             "(B, ...); got 0-d tensors (use 'mean' or 'none')")
         return loss.reshape(loss.shape[0], -1).mean(dim=1)
     if reduction == "none":
         return loss
@@ -76,13 +80,15 @@ class AdvancedLossFunctions:
         noise: the noise that made x_t. The weighting needs only the timesteps, so it is not
             used in the value; it is part of the guide's signature and must match pred's shape.
         timesteps: (B,) int64 in [0, T-1].
-        gamma: the clip of min(SNR, gamma); None gives the unweighted MSE.
+        gamma: the clip of min(SNR, gamma); None gives the unweighted MSE (prediction_type is
+            still checked: a typo is an error whatever gamma is).
         alphas_cumprod: the schedule the timesteps index: a (T,) tensor or a scheduler. None
             means the guide's default (linear 1e-4..0.02, T = 1000).
         Returns the mean of min(SNR, gamma)-weighted per-sample MSEs (see `reduction`).
         """
         _check_pair(pred, target)
-        _check_pair(pred, noise)
+        _check_pair(pred, noise, name="noise")
+        check_prediction_type(prediction_type)
         if reduction not in ("mean", "per_sample"):
             raise ValueError(f"reduction={reduction!r} is not one of ['mean', 'per_sample'] for "
                              "snr_loss (its weights are per sample)")

@@ -23,6 +23,7 @@ from diffusion.data import (
     build_dataset,
     classify_shape_image,
     collate,
+    draw_shape,
     parse_caption,
     shapes_adherence,
 )
@@ -217,6 +218,16 @@ def test_checker_chance_levels_and_errors():
         classify_shape_image(np.zeros((16, 16, 3)))
     with pytest.raises(ValueError, match="empty"):
         shapes_adherence([], [])
+    with pytest.raises(TypeError, match="prompts must be a list of captions, not one string"):
+        shapes_adherence(images[:1], "a red circle")
+
+
+def test_draw_shape_errors():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"colour='purple' is not one of \['red', 'green'"):
+        draw_shape("purple", "circle", 16, rng)
+    with pytest.raises(ValueError, match=r"shape='star' is not one of \['circle', 'square'"):
+        draw_shape("red", "star", 16, rng)
 
 
 # ---- ImageFolderDataset ----
@@ -353,6 +364,58 @@ def test_folder_errors(tmp_path):
     data = ImageFolderDataset(tmp_path, sample_size=8)
     with pytest.raises(IndexError, match="index=1 is out of range"):
         data[1]
+
+
+LEVELS_16 = np.array([0, 16384, 32768, 49152, 65535], dtype=np.uint16)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_folder_scales_16_bit_greyscale_png(tmp_path, in_channels):
+    """A 16-bit PNG is scaled, not clipped at 255 (PIL's convert("L") would make 32768 white)."""
+    pixels = np.tile(np.repeat(LEVELS_16, 2), (10, 1))  # (10, 10): five bands of 2 columns
+    Image.fromarray(pixels).save(tmp_path / "grey16.png")
+    (tmp_path / "grey16.txt").write_text("bands")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    data = ImageFolderDataset(tmp_path, sample_size=10, in_channels=in_channels)
+    image = data[0]["image"]
+    assert image.shape == (in_channels, 10, 10) and image.dtype == torch.float32
+    expected = torch.from_numpy(pixels / 65535 * 2 - 1).float()  # (10, 10)
+    torch.testing.assert_close(image, expected.expand(in_channels, 10, 10), rtol=0, atol=1e-6)
+    # resized (bicubic in float), the range still holds and mid-grey stays mid-grey
+    Image.fromarray(np.full((20, 30), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    small = ImageFolderDataset(tmp_path, sample_size=8, in_channels=in_channels)[0]["image"]
+    assert small.shape == (in_channels, 8, 8)
+    torch.testing.assert_close(small, torch.full_like(small, 32768 / 65535 * 2 - 1))
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.full((6, 6), 49152, dtype=">u2"), 49152 / 65535 * 2 - 1),  # I;16B
+    (np.full((6, 6), 16384, dtype=np.int32), 16384 / 65535 * 2 - 1),  # I: older Pillow's 16-bit
+    (np.full((6, 6), 0.25, dtype=np.float32), -0.5),  # F: [0, 1]
+])
+def test_folder_scales_other_high_depth_modes(tmp_path, array, expected):
+    # PNG cannot hold these modes; PIL opens files by content, so a TIFF named .png stands in.
+    Image.fromarray(array).save(tmp_path / "deep.png", format="TIFF")
+    (tmp_path / "deep.txt").write_text("x")
+    image = ImageFolderDataset(tmp_path, sample_size=6, in_channels=3)[0]["image"]
+    torch.testing.assert_close(image, torch.full((3, 6, 6), expected), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.full((6, 6), 70000, dtype=np.int32),
+     r"mode 'I' pixel values must lie in \[0, 65535\]; got values in \[70000, 70000\]"),
+    (np.full((6, 6), np.nan, dtype=np.float32),
+     r"mode 'F' pixel values must lie in \[0, 1\]; got values in \[nan, nan\]"),
+])
+def test_folder_skips_high_depth_values_out_of_range(tmp_path, array, message):
+    Image.fromarray(array).save(tmp_path / "a.png", format="TIFF")
+    solid((0, 0, 255), size=(6, 6)).save(tmp_path / "b.png")
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    data = ImageFolderDataset(tmp_path, sample_size=6)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*a\.png .*" + message):
+        item = data[0]
+    assert item["text"] == "b" and data.skipped == [tmp_path / "a.png"]
 
 
 @pytest.mark.parametrize("second_line, message", [

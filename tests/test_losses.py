@@ -188,6 +188,16 @@ def test_training_target_definitions():
      ValueError, r"alpha_bar must lie in \[0, 1\)"),
     (lambda: L.v_prediction_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3) * 0.5),
      ValueError, r"coefficients of shape \(3,\) do not match a batch of 2"),
+    (lambda: L.snr_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4),
+                        torch.tensor([0, 1])), ValueError,
+     r"pred has shape \(2, 3\) but noise has shape \(2, 4\); they must match"),
+    (lambda: L.snr_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
+                        torch.tensor([0, 1]), gamma=None, prediction_type="eps"), ValueError,
+     r"prediction_type='eps' is not one of \['epsilon', 'v_prediction', 'sample'\]"),
+    (lambda: L.l2_loss(torch.tensor(1.0), torch.tensor(2.0), reduction="per_sample"), ValueError,
+     r"reduction='per_sample' needs inputs with a batch dimension \(B, \.\.\.\); got 0-d"),
+    (lambda: L.huber_loss(torch.tensor(1.0), torch.tensor(2.0), reduction="per_sample"),
+     ValueError, r"reduction='per_sample' needs inputs with a batch dimension"),
 ])
 def test_errors(call, error, message):
     with pytest.raises(error, match=message):

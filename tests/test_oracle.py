@@ -15,11 +15,13 @@ allowance stated at the test, and the error must shrink as the step count grows.
 """
 
 import math
+import re
 
 import pytest
 import torch
 
 from diffusion import AdvancedScheduler, DiffusionConfig
+from diffusion.__main__ import main as demo_main
 from diffusion.oracle import GaussianMixture, sample_exact
 
 GAUSSIAN = GaussianMixture((1.0,), (0.3,), (0.5,))
@@ -147,3 +149,24 @@ def test_mixture_errors():
         GaussianMixture((0.5, 0.6), (0.0, 1.0), (1.0, 1.0))
     with pytest.raises(ValueError, match=">= 0"):
         GaussianMixture((1.0,), (0.0,), (-1.0,))
+
+
+def test_demo_prints_finite_statistics(capsys):
+    demo_main(["--num-samples", "200", "--prediction-type", "v_prediction"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["ddim", "10"], ["ddim", "25"], ["ddim", "100"],
+                                         ["ddpm", "1000"]]
+    assert all(math.isfinite(float(value)) for row in rows for value in row[2:])
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", r"argument --num-samples: 0 must be a positive integer \(>= 1\)"),
+    ("-5", r"argument --num-samples: -5 must be a positive integer \(>= 1\)"),
+    ("many", r"argument --num-samples: 'many' is not an integer"),
+])
+def test_demo_rejects_bad_sample_counts(capsys, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(["--num-samples", value])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
