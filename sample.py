@@ -9,7 +9,8 @@
 
 OUT ending in .png is a grid with the prompt under each image; anything else is a folder of
 one PNG per image plus metadata.jsonl ({"file_name", "text", "seed", ...} per line, the
-convention the trainer's image-folder dataset reads). Image i uses seed + i.
+convention the trainer's image-folder dataset reads). Image i draws all its noise from seed + i
+alone, so the seed in metadata.jsonl remakes that image whatever the rest of the batch was.
 """
 
 import argparse
@@ -21,10 +22,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import CheckpointError
 from nets import keep_freed_memory
 from sampling import SAMPLERS, AdvancedDiffusionPipeline, from_pil, make_grid, to_pil
-from sampling.pipeline import add_device_argument
+from sampling.pipeline import add_device_argument, positive_int
 
 
 def parse_args(argv=None):
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--num-images", type=positive_int, default=1)
     parser.add_argument("--steps", type=int, default=None,
                         help="default: the checkpoint config's num_inference_steps")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None)
@@ -49,36 +49,38 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    keep_freed_memory()
-    try:
-        pipeline = AdvancedDiffusionPipeline.from_checkpoint(
-            args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    except CheckpointError as err:
-        sys.exit(f"sample.py: {err}")
+def generate(args, prompts: list[str], seeds: list[int]):
+    """(images (B, C, H, W) in [0, 1], settings, strength); ValueError (CheckpointError
+    included) for anything the arguments got wrong."""
+    pipeline = AdvancedDiffusionPipeline.from_checkpoint(
+        args.checkpoint, use_ema=not args.no_ema, device=args.device)
     config = pipeline.config
     settings = {"negative_prompt": args.negative_prompt,
                 **pipeline.settings(args.steps, args.guidance_scale, args.sampler, args.eta,
                                     args.guidance_rescale)}
-    prompts = [args.prompt] * args.num_images
-    seeds = [args.seed + i for i in range(args.num_images)]
     init, strength = None, 1.0
     if args.init_image:
         if not Path(args.init_image).exists():
-            sys.exit(f"sample.py: --init-image {args.init_image!r} does not exist")
+            raise ValueError(f"--init-image {args.init_image!r} does not exist")
         size = (config.sample_size, config.sample_size)
         init = from_pil(Image.open(args.init_image).resize(size, Image.BICUBIC),
                         config.in_channels).expand(args.num_images, -1, -1, -1)
         strength = args.strength
-    bar = tqdm(total=settings["num_inference_steps"], desc="sampling")
-    try:
+    with tqdm(total=settings["num_inference_steps"], desc="sampling") as bar:
         images = pipeline.generate(prompts, seeds, init_images=init, strength=strength,
                                    callback=lambda i, t, x: bar.update(1), **settings)
-    except ValueError as err:
+    return images, settings, strength
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keep_freed_memory()
+    prompts = [args.prompt] * args.num_images
+    seeds = [args.seed + i for i in range(args.num_images)]
+    try:
+        images, settings, strength = generate(args, prompts, seeds)
+    except ValueError as err:  # CheckpointError is one too
         sys.exit(f"sample.py: {err}")
-    finally:
-        bar.close()
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         out.parent.mkdir(parents=True, exist_ok=True)

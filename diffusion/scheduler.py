@@ -6,11 +6,12 @@ the next entry t' of `self.timesteps`, and after the last entry abar_{t'} = 1 (t
 Coefficients come from float64 tables and are cast once to the sample's dtype.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from losses.targets import broadcast_to_sample, training_target
+from losses.targets import broadcast_to_sample
 
 from .config import DiffusionConfig
 from .schedules import (
@@ -21,6 +22,9 @@ from .schedules import (
 )
 
 STEP_SAMPLERS = ("ddpm", "ddim")
+# What every `generator` argument of the forward and reverse process accepts: None (the global
+# RNG), one torch.Generator for the whole batch, or one generator per image (see randn_like).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -31,12 +35,33 @@ class SchedulerOutput:
     pred_original_sample: torch.Tensor
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn from `generator` (on its own device, so a CPU
-    generator gives the same numbers whatever device x lives on)."""
-    device = generator.device if generator is not None else x.device
-    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-    return noise.to(x.device)
+def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Standard normal noise shaped like x (B, ...), in x's dtype and on x's device.
+
+    generator: None (the global RNG); one torch.Generator for the whole tensor; or a list or
+    tuple of B generators, one per row: row i is drawn from generator[i] alone, so it does
+    not depend on the rest of the batch (the pipeline gives each image its own seed this way;
+    a row equals what that generator gives for a batch of one). Each draw happens on its
+    generator's device, so a CPU generator gives the same numbers whatever device x lives on.
+    """
+    if isinstance(generator, (list, tuple)):
+        if x.ndim == 0 or len(generator) != x.shape[0]:
+            batch = "a 0-d tensor" if x.ndim == 0 else f"a batch of {x.shape[0]}"
+            raise ValueError(f"generator is a {type(generator).__name__} of {len(generator)} "
+                             f"generators but x is {batch}; pass one generator per row")
+        rows = [_randn(x.shape[1:], x, g) for g in generator]
+        return torch.stack(rows) if rows else x.new_empty(x.shape)
+    return _randn(x.shape, x, generator)
+
+
+def _randn(shape: torch.Size, like: torch.Tensor,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """torch.randn(shape) from `generator` on its own device, moved to `like`'s device."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, a list or tuple of them, or "
+                        f"None; got {type(generator).__name__}")
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -124,16 +149,31 @@ class AdvancedScheduler:
     # ---- forward process and parameterisations ----
 
     def alpha_bar(self, timesteps, like: torch.Tensor) -> torch.Tensor:
-        """abar at `timesteps` (int, or (B,) ints; -1 means abar = 1), broadcast to `like`."""
-        t = torch.as_tensor(timesteps, device=self.alphas_cumprod_float64.device)
-        abar = torch.where(t >= 0, self.alphas_cumprod_float64[t.clamp(min=0).cpu()], 1.0)
-        return broadcast_to_sample(abar, like)
+        """abar at `timesteps` (an int or (B,) ints in [0, T-1]) broadcast to `like` (B, ...)
+        and cast to its dtype."""
+        t = self._check_timesteps(timesteps, like)
+        return broadcast_to_sample(self.alphas_cumprod_float64[t], like)
+
+    def _alpha_bar_or_one(self, timestep) -> float:
+        """abar at one timestep as a float64 python float, where -1 (the step after the last
+        entry of the list, see previous_timestep) gives 1, the clean sample. For the reverse
+        steps here and in sampling/; the public conversions refuse -1."""
+        t = int(timestep)
+        if not -1 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep={t} must lie in [-1, {self.num_train_timesteps - 1}]")
+        return 1.0 if t == -1 else float(self.alphas_cumprod_float64[t])
 
     def _check_timesteps(self, timesteps, x: torch.Tensor) -> torch.Tensor:
+        """`timesteps` as a CPU int64 tensor: a scalar, or (1,) or (B,) for x (B, ...), with
+        values in [0, T-1]; TypeError or ValueError naming what was received otherwise."""
         t = torch.as_tensor(timesteps)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"timesteps must be integers; got dtype {t.dtype}")
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
+        if x.ndim == 0:
+            if t.ndim != 0:
+                raise ValueError(f"timesteps has shape {tuple(t.shape)}; expected a scalar for "
+                                 "a 0-d sample")
+        elif t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
             raise ValueError(f"timesteps has shape {tuple(t.shape)}; expected a scalar or "
                              f"({x.shape[0]},) for a batch of {x.shape[0]}")
         if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
@@ -141,12 +181,19 @@ class AdvancedScheduler:
                              f"values in [{t.min().item()}, {t.max().item()}]")
         return t.cpu()
 
+    def _sqrt_coefficients(self, t: torch.Tensor, like: torch.Tensor):
+        """(sqrt(abar_t), sqrt(1 - abar_t)) for checked timesteps t, computed in float64 from
+        the float64 table and cast once, when broadcast to `like` (B, ...): 1 - abar taken
+        after a cast to float32 loses ~3e-4 relative near t = 0, and in bf16/fp16 it is 0."""
+        abar = self.alphas_cumprod_float64[t]
+        return broadcast_to_sample(abar.sqrt(), like), broadcast_to_sample((1 - abar).sqrt(), like)
+
     def add_noise(self, original_samples: torch.Tensor, timesteps, noise=None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: Generators = None) -> torch.Tensor:
         """Sample q(x_t | x0): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4).
 
         original_samples: (B, ...); timesteps: an int or (B,) ints; noise: like x0, drawn from
-        `generator` when None.
+        `generator` (one, or one per image: see randn_like) when None.
         """
         t = self._check_timesteps(timesteps, original_samples)
         if noise is None:
@@ -154,21 +201,34 @@ class AdvancedScheduler:
         elif noise.shape != original_samples.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but original_samples has "
                              f"shape {tuple(original_samples.shape)}")
-        abar = self.alpha_bar(t, original_samples)
-        return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+        sqrt_abar, sqrt_one_minus_abar = self._sqrt_coefficients(t, original_samples)
+        return sqrt_abar * original_samples + sqrt_one_minus_abar * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho 2022); `sample` is x0."""
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho 2022); `sample` is x0,
+        (B, ...), noise like it; timesteps: an int or (B,) ints."""
         t = self._check_timesteps(timesteps, sample)
-        return training_target("v_prediction", sample, noise, self.alpha_bar(t, sample))
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but sample has shape "
+                             f"{tuple(sample.shape)}")
+        sqrt_abar, sqrt_one_minus_abar = self._sqrt_coefficients(t, sample)
+        return sqrt_abar * noise - sqrt_one_minus_abar * sample
 
     def model_output_from(self, x0: torch.Tensor, eps: torch.Tensor, timesteps) -> torch.Tensor:
-        """Express an (x0, eps) pair in this scheduler's prediction type."""
-        return training_target(self.prediction_type, x0, eps, self.alpha_bar(timesteps, x0))
+        """Express an (x0, eps) pair, each (B, ...), in this scheduler's prediction type: eps,
+        x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0. timesteps: an int or (B,) ints."""
+        if self.prediction_type == "v_prediction":
+            return self.get_velocity(x0, eps, timesteps)
+        self._check_timesteps(timesteps, x0)
+        if eps.shape != x0.shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)} but x0 has shape "
+                             f"{tuple(x0.shape)}")
+        return eps if self.prediction_type == "epsilon" else x0
 
     def convert_model_output(self, model_output: torch.Tensor, timesteps,
                              sample: torch.Tensor, clip: bool = True):
-        """(x0_hat, eps_hat) from a network output in this scheduler's prediction type.
+        """(x0_hat, eps_hat), each like `sample` (B, ...), from a network output in this
+        scheduler's prediction type at `timesteps` (an int or (B,) ints in [0, T-1]).
 
         epsilon: x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
         v_prediction: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(1-abar) x_t + sqrt(abar) v
@@ -177,22 +237,23 @@ class AdvancedScheduler:
         dynamically thresholded and eps_hat recomputed from it, so the update stays consistent.
         The samplers in sampling/ use this too.
         """
+        t = self._check_timesteps(timesteps, sample)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample "
                              f"has shape {tuple(sample.shape)}")
-        abar = self.alpha_bar(timesteps, sample)
+        sqrt_abar, sqrt_one_minus_abar = self._sqrt_coefficients(t, sample)
         if self.prediction_type == "epsilon":
             eps = model_output
-            x0 = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
+            x0 = (sample - sqrt_one_minus_abar * eps) / sqrt_abar
         elif self.prediction_type == "v_prediction":
-            x0 = abar.sqrt() * sample - (1 - abar).sqrt() * model_output
-            eps = (1 - abar).sqrt() * sample + abar.sqrt() * model_output
+            x0 = sqrt_abar * sample - sqrt_one_minus_abar * model_output
+            eps = sqrt_one_minus_abar * sample + sqrt_abar * model_output
         else:
             x0 = model_output
-            eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
+            eps = (sample - sqrt_abar * x0) / sqrt_one_minus_abar
         if clip and (self.config.thresholding or self.config.clip_sample):
             x0 = self._bound_x0(x0)
-            eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
+            eps = (sample - sqrt_abar * x0) / sqrt_one_minus_abar
         return x0, eps
 
     def _bound_x0(self, x0: torch.Tensor) -> torch.Tensor:
@@ -214,13 +275,13 @@ class AdvancedScheduler:
     # ---- reverse steps ----
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-             eta: float | None = None,
-             generator: torch.Generator | None = None) -> SchedulerOutput:
+             eta: float | None = None, generator: Generators = None) -> SchedulerOutput:
         """One reverse step from `timestep` to the next entry of `self.timesteps`.
 
         model_output: (B, C, H, W), or the model's {"sample": tensor} as the guide passes it;
         sample: (B, C, H, W); timestep: an int or one-element tensor from
-        `self.timesteps`; eta: DDIM noise scale (default config.eta; DDPM ignores it).
+        `self.timesteps`; eta: DDIM noise scale (default config.eta; DDPM ignores it);
+        generator: the step noise's, one or one per image (see randn_like).
         """
         if isinstance(model_output, dict):  # the guide passes AdvancedUNet's {"sample": ...}
             model_output = model_output["sample"]
@@ -230,8 +291,7 @@ class AdvancedScheduler:
         work = _compute_dtype(sample)
         x_t = sample.to(work)
         x0, eps = self.convert_model_output(model_output.to(work), t, x_t)
-        abar_t = float(self.alphas_cumprod_float64[t])
-        abar_prev = float(self.alphas_cumprod_float64[t_prev]) if t_prev >= 0 else 1.0
+        abar_t, abar_prev = self._alpha_bar_or_one(t), self._alpha_bar_or_one(t_prev)
         if self.sampler == "ddpm":
             prev, std = self._ddpm_mean_std(x0, x_t, abar_t, abar_prev)
         else:

@@ -75,12 +75,18 @@ def inference_timesteps(spacing: str, num_train_timesteps: int, num_inference_st
 
     leading:  k * (T // n) + steps_offset for k = n-1..0 (DDIM paper, Stable Diffusion).
     trailing: round(T - k * T / n) - 1 for k = 0..n-1; starts at T-1 (Lin et al. 2023, Table 2).
-    linspace: round(linspace(0, T-1, n)), reversed; starts at T-1 and ends at 0.
+    linspace: round(linspace(0, T-1, n)), reversed; for n >= 2 it starts at T-1 and ends at 0,
+        while n = 1 gives [0] (linspace's single point is its start, 0): one step from the
+        least noisy timestep, as DESIGN's formula says; use trailing for a one-step sampler.
+    steps_offset (leading only) must be >= 0: -1 is the samplers' "after the last entry"
+    (abar = 1) and no timestep may fall below 0.
     """
     T, n = num_train_timesteps, num_inference_steps
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= T:
         raise ValueError(f"num_inference_steps={n!r} must be an int in [1, "
                          f"num_train_timesteps={T}]")
+    if not isinstance(steps_offset, int) or isinstance(steps_offset, bool) or steps_offset < 0:
+        raise ValueError(f"steps_offset={steps_offset!r} must be an int >= 0")
     f64 = torch.float64
     if spacing == "leading":
         steps = torch.arange(n - 1, -1, -1, dtype=torch.int64) * (T // n) + steps_offset

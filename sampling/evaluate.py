@@ -22,7 +22,7 @@ import torch
 from diffusion import SHAPES, CheckpointError, all_captions, shapes_adherence
 from nets import keep_freed_memory
 
-from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid
+from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid, positive_int
 
 SHUFFLE_SEED = 12345
 
@@ -31,7 +31,8 @@ SHUFFLE_SEED = 12345
 def sample_all_captions(pipeline: AdvancedDiffusionPipeline, seeds_per_caption: int, *,
                         batch_size: int = 48, **generate_kwargs):
     """Images in [0, 1] for every caption x seeds 0..seeds_per_caption-1:
-    ((N, C, H, W), prompts)."""
+    ((N, C, H, W), prompts). Each image's noise comes from its own seed alone (see
+    AdvancedDiffusionPipeline.generate), so batch_size changes speed, not the images."""
     prompts = [c for c in all_captions() for _ in range(seeds_per_caption)]
     seeds = [s for _ in all_captions() for s in range(seeds_per_caption)]
     images = [pipeline.generate(prompts[i:i + batch_size], seeds[i:i + batch_size],
@@ -54,13 +55,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive int")
-    return value
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
@@ -68,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--sampler", default=None)
-    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--batch-size", type=positive_int, default=48)
     add_device_argument(parser)
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--shuffle-prompts", action="store_true",
@@ -93,10 +87,13 @@ def main(argv=None):
     if args.untrained:
         torch.manual_seed(config.seed)
         pipeline = AdvancedDiffusionPipeline(config, device=args.device)
-    settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
     start = time.perf_counter()
-    images, prompts = sample_all_captions(pipeline, args.seeds, batch_size=args.batch_size,
-                                          **settings)
+    try:
+        settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
+        images, prompts = sample_all_captions(pipeline, args.seeds, batch_size=args.batch_size,
+                                              **settings)
+    except ValueError as err:  # e.g. --sampler heun, --steps 0: one line, not a traceback
+        sys.exit(f"evaluate: {err}")
     seconds = time.perf_counter() - start
     scored = shuffled(prompts) if args.shuffle_prompts else prompts
     result = shapes_adherence(images * 2 - 1, scored)  # the checker reads [-1, 1]

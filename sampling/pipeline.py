@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file
+from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
 from diffusion.trainer import TextConditionedDenoiser
 from nets import AdvancedUNet, TextEncoder
 
@@ -35,6 +35,14 @@ def add_device_argument(parser) -> None:
     parser.add_argument("--device", type=device_type,
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to sample (default: cuda when available, else cpu)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for the scripts' counts (--num-images, --seeds, --batch-size): an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive int")
+    return value
 
 
 def parse_device(name: str) -> torch.device:
@@ -188,17 +196,15 @@ class AdvancedDiffusionPipeline:
     def settings(self, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, sampler: str | None = None,
                  eta: float | None = None, guidance_rescale: float | None = None) -> dict:
-        """Sampling settings with every None replaced by the config's value."""
-        cfg = self.config
-        return {
-            "num_inference_steps": cfg.num_inference_steps if num_inference_steps is None
-            else num_inference_steps,
-            "guidance_scale": cfg.guidance_scale if guidance_scale is None else guidance_scale,
-            "sampler": sampler or cfg.sampler,
-            "eta": cfg.eta if eta is None else eta,
-            "guidance_rescale": cfg.guidance_rescale if guidance_rescale is None
-            else guidance_rescale,
-        }
+        """Sampling settings with every None replaced by the config's value, checked by the
+        config's own field validation (`DiffusionConfig.with_overrides`), so a per-call value
+        is held to the same types and ranges as the config field of the same name (e.g.
+        guidance_rescale in [0, 1], eta >= 0, num_inference_steps in [1, T]); TypeError or
+        ValueError naming the field otherwise."""
+        given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                 "sampler": sampler, "eta": eta, "guidance_rescale": guidance_rescale}
+        checked = self.config.with_overrides({k: v for k, v in given.items() if v is not None})
+        return {name: getattr(checked, name) for name in given}
 
     @torch.no_grad()
     def _encode(self, prompts: list[str], negative: list[str]):
@@ -221,29 +227,36 @@ class AdvancedDiffusionPipeline:
                  callback=None) -> torch.Tensor:
         """One image per (prompt, seed) -> (B, C, H, W) in [0, 1].
 
-        Image i starts from noise drawn with its own generator (seed_i), so it does not depend
-        on the rest of the batch; the step noise of the stochastic samplers comes from a
-        generator seeded with seeds[0]. init_images: (B, C, H, W) in [-1, 1] for
-        image-to-image (SDEdit, Meng et al. 2022): the images are noised to the first of the
-        `strength` fraction of timesteps that remain and denoised from there.
+        Image i draws all its noise, the starting noise and the step noise of the stochastic
+        samplers (ddpm, euler_ancestral, ddim with eta > 0), from its own CPU generator seeded
+        seeds[i], so it does not depend on the rest of the batch: generating (prompt_i,
+        seed_i) alone gives the same image (up to float rounding of batched kernels).
+        Settings left None come from the config (see `settings`). init_images:
+        (B, in_channels, height, width) in [-1, 1] for image-to-image (SDEdit, Meng et al.
+        2022): the images are noised to the first of the `strength` fraction of timesteps that
+        remain and denoised from there.
         """
         cfg = self.config
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
                 or not 0 <= strength <= 1:
             raise ValueError(f"strength={strength!r} must be a number in [0, 1]")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty; pass at least one prompt (and one seed each)")
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         height = cfg.sample_size if height is None else height
         width = cfg.sample_size if width is None else width
         self._check_size(height, width)
+        shape = (len(prompts), cfg.in_channels, height, width)
+        if init_images is not None:
+            self._check_init_images(init_images, shape)
         resolved = self.settings(num_inference_steps, guidance_scale, sampler, eta,
                                  guidance_rescale)
         num_inference_steps = resolved["num_inference_steps"]
         self.scheduler.set_timesteps(num_inference_steps)  # also validates the step count
         sampler = check_sampler(resolved["sampler"])
-        shape = (1, cfg.in_channels, height, width)
-        x_T = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds]).to(self.device)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # one per image
+        x_T = randn_like(torch.empty(shape, device=self.device), generators)
         timesteps = None
         if init_images is not None and strength < 1:
             timesteps = self.scheduler.img2img_timesteps(strength)
@@ -261,10 +274,26 @@ class AdvancedDiffusionPipeline:
                                    batched=self._batched_guidance)
         x0 = sample(model_fn, self.scheduler, x_T, sampler=sampler,
                     num_inference_steps=num_inference_steps, eta=resolved["eta"],
-                    generator=torch.Generator().manual_seed(int(seeds[0])), callback=callback,
-                    timesteps=timesteps)
+                    generator=generators, callback=callback, timesteps=timesteps)
         self._off_device(unet)
         return decode_latents(x0)
+
+    @staticmethod
+    def _check_init_images(init_images, shape: tuple[int, int, int, int]) -> None:
+        """init_images must be one (in_channels, height, width) image per prompt: `shape`."""
+        if not isinstance(init_images, torch.Tensor):
+            raise TypeError(f"init_images must be a tensor of shape {shape}; got "
+                            f"{type(init_images).__name__}")
+        if tuple(init_images.shape) != shape:
+            raise ValueError(
+                f"init_images has shape {tuple(init_images.shape)}; expected {shape}: one "
+                f"(in_channels={shape[1]}, height={shape[2]}, width={shape[3]}) image per "
+                f"prompt, {shape[0]} prompts")
+
+    @staticmethod
+    def _check_num_images(num_images: int) -> None:
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images={num_images!r} must be a positive int")
 
     def _seeds(self, count: int, seed: int | None, generator) -> list[int]:
         if seed is None:
@@ -274,16 +303,20 @@ class AdvancedDiffusionPipeline:
         return [seed + i for i in range(count)]
 
     def generate_image(self, prompt: str | Sequence[str], negative_prompt=None,
-                       num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                       num_inference_steps: int | None = None,
+                       guidance_scale: float | None = None,
                        width: int | None = None, height: int | None = None,
                        num_images: int = 1, seed: int | None = None, generator=None,
                        sampler: str | None = None, eta: float | None = None):
         """Text-to-image. Returns a PIL image, or a list when more than one is made.
 
-        Image i of the batch uses seed + i (seed drawn from `generator`, or at random, when
-        not given), so a batch equals the same images generated one by one.
+        num_images per prompt. Image i of the batch uses seed + i (seed drawn from
+        `generator`, or at random, when not given), so a batch equals the same images
+        generated one by one. Settings left None come from the config (the guide's defaults
+        are 50 steps, guidance 7.5).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self._check_num_images(num_images)
         prompts = [p for p in prompts for _ in range(num_images)]
         images = self.generate(prompts, self._seeds(len(prompts), seed, generator),
                                negative_prompt=negative_prompt,
@@ -294,14 +327,15 @@ class AdvancedDiffusionPipeline:
         return pils[0] if len(pils) == 1 else pils
 
     def generate_variations(self, image, prompt: str, negative_prompt=None,
-                            num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                            num_inference_steps: int | None = None,
+                            guidance_scale: float | None = None,
                             strength: float = 0.8, num_images: int = 1,
                             seed: int | None = None, generator=None,
                             sampler: str | None = None, eta: float | None = None,
                             width: int | None = None, height: int | None = None):
         """Image-to-image (SDEdit). image: a PIL image or a path; it is resized to
         (width, height), by default the model's sample size. strength 0 returns the input,
-        strength 1 is plain text-to-image."""
+        strength 1 is plain text-to-image. Settings left None come from the config."""
         if isinstance(image, (str, Path)):
             if not Path(image).exists():
                 raise ValueError(f"image path {str(image)!r} does not exist")
@@ -312,6 +346,7 @@ class AdvancedDiffusionPipeline:
         width = self.config.sample_size if width is None else width
         self._check_size(height, width)
         init = from_pil(image.resize((width, height), Image.BICUBIC), self.config.in_channels)
+        self._check_num_images(num_images)
         init = init.expand(num_images, -1, -1, -1)
         images = self.generate([prompt] * num_images, self._seeds(num_images, seed, generator),
                                negative_prompt=negative_prompt,

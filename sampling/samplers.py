@@ -20,24 +20,25 @@ kind of sample whichever sampler runs.
 """
 
 import math
+import reprlib
 from collections.abc import Callable, Iterator
 
 import torch
 
 from diffusion import AdvancedScheduler, randn_like
-from diffusion.scheduler import STEP_SAMPLERS  # ("ddpm", "ddim"): AdvancedScheduler.step
+from diffusion.scheduler import STEP_SAMPLERS, Generators  # Generators: see randn_like
+from nets import reuse_packed_weights
 
 # k-diffusion's default: the full ancestral noise, which makes `euler_ancestral` the same
 # chain as DDIM with eta = 1 (see sample_euler_ancestral). `sample`'s eta is DDIM's only.
 EULER_ANCESTRAL_ETA = 1.0
-_FLOAT64 = torch.zeros((), dtype=torch.float64)  # `like` for scalar float64 coefficients
 
 
 # ---- shared pieces ----
 
 def _alpha_bar(scheduler: AdvancedScheduler, t) -> float:
     """abar at one timestep as a float64 python float; t = -1 (after the list) gives 1."""
-    return float(scheduler.alpha_bar(t, _FLOAT64))
+    return scheduler._alpha_bar_or_one(t)
 
 
 def _steps(scheduler: AdvancedScheduler,
@@ -95,7 +96,7 @@ def _euler_to(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, abar: float,
 
 def sample_scheduler_step(model_fn: Callable, x: torch.Tensor, timesteps: torch.Tensor, *,
                           scheduler: AdvancedScheduler, eta: float = 0.0,
-                          generator: torch.Generator | None = None,
+                          generator: Generators = None,
                           callback: Callable | None = None) -> torch.Tensor:
     """DDPM (Ho et al. 2020, eqs. 6-7) or DDIM (Song et al. 2021, eq. 12), whichever
     `scheduler.sampler` names, through `AdvancedScheduler.step`. x: (B, C, H, W)."""
@@ -109,7 +110,7 @@ def sample_scheduler_step(model_fn: Callable, x: torch.Tensor, timesteps: torch.
 
 def sample_euler(model_fn: Callable, x: torch.Tensor, timesteps: torch.Tensor, *,
                  scheduler: AdvancedScheduler, eta: float = 0.0,
-                 generator: torch.Generator | None = None,
+                 generator: Generators = None,
                  callback: Callable | None = None) -> torch.Tensor:
     """Euler on the probability-flow ODE in (sigma, x~) (Karras et al. 2022, eq. 1; the
     first-order part of their Algorithm 1; k-diffusion `sample_euler`). Deterministic.
@@ -133,7 +134,7 @@ def sample_euler(model_fn: Callable, x: torch.Tensor, timesteps: torch.Tensor, *
 
 def sample_euler_ancestral(model_fn: Callable, x: torch.Tensor, timesteps: torch.Tensor, *,
                            scheduler: AdvancedScheduler, eta: float = 0.0,
-                           generator: torch.Generator | None = None,
+                           generator: Generators = None,
                            callback: Callable | None = None) -> torch.Tensor:
     """Euler ancestral in (sigma, x~) (k-diffusion `sample_euler_ancestral`, Crowson 2022).
 
@@ -167,7 +168,7 @@ def sample_euler_ancestral(model_fn: Callable, x: torch.Tensor, timesteps: torch
 
 def sample_dpmsolver_pp(model_fn: Callable, x: torch.Tensor, timesteps: torch.Tensor, *,
                         scheduler: AdvancedScheduler, eta: float = 0.0,
-                        generator: torch.Generator | None = None,
+                        generator: Generators = None,
                         callback: Callable | None = None) -> torch.Tensor:
     """DPM-Solver++(2M): multistep, second order, data prediction (Lu et al. 2022,
     "DPM-Solver++", Algorithm 2). Deterministic; eta and generator are unused.
@@ -228,17 +229,22 @@ def check_sampler(name: str) -> str:
 @torch.no_grad()
 def sample(model_fn: Callable, scheduler: AdvancedScheduler, x_T: torch.Tensor, *,
            sampler: str = "ddim", num_inference_steps: int = 50, eta: float = 0.0,
-           generator: torch.Generator | None = None, callback: Callable | None = None,
+           generator: Generators = None, callback: Callable | None = None,
            timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """Run the reverse process from x_T (B, C, H, W) and return x_0 (B, C, H, W).
 
     sampler: one of SAMPLERS; "ddpm"/"ddim" run through AdvancedScheduler.step, the others
     are the solvers above. `scheduler.set_timesteps(num_inference_steps)` gives the list;
-    `timesteps` (optional) runs only that tail of it, for image-to-image, with x_T already
-    noised to timesteps[0]. eta: DDIM's noise scale (the other samplers ignore it).
-    generator: all randomness (DDPM, DDIM eta > 0, euler_ancestral). callback(i, t, x) after
-    every step, x being the sample at the next timestep (the final sample after the last).
-    Half-precision samples are updated in float32 and returned in x_T's dtype.
+    `timesteps` (optional) runs only a tail of it, for image-to-image, with x_T already
+    noised to timesteps[0] (e.g. `scheduler.img2img_timesteps(strength)`); anything but a
+    tail is refused, since each step lands on the list's next entry. eta: DDIM's noise
+    scale (the other samplers ignore it). generator: all randomness (DDPM, DDIM eta > 0,
+    euler_ancestral): one torch.Generator for the batch, or a list of B, one per image, so
+    that image i depends on generator[i] only. callback(i, t, x) after every step, x being
+    the sample at the next timestep (the final sample after the last). Half-precision
+    samples are updated in float32 and returned in x_T's dtype. The loop runs inside
+    nets.reuse_packed_weights(): on the CPU every step reuses the network's weights laid out
+    for oneDNN once (do not edit weights through `.data` from the callback).
     """
     check_sampler(sampler)
     scheduler_for_sampler = scheduler
@@ -247,11 +253,31 @@ def sample(model_fn: Callable, scheduler: AdvancedScheduler, x_T: torch.Tensor, 
     scheduler_for_sampler.set_timesteps(num_inference_steps, device=x_T.device)
     if timesteps is None:
         timesteps = scheduler_for_sampler.timesteps
+    else:
+        _check_tail(timesteps, scheduler_for_sampler.timesteps)
     work_dtype = torch.promote_types(x_T.dtype, torch.float32)
     x = x_T.to(work_dtype) * scheduler_for_sampler.init_noise_sigma
-    x = SAMPLER_FNS[sampler](model_fn, x, timesteps, scheduler=scheduler_for_sampler, eta=eta,
-                             generator=generator, callback=callback)
+    with reuse_packed_weights():
+        x = SAMPLER_FNS[sampler](model_fn, x, timesteps, scheduler=scheduler_for_sampler,
+                                 eta=eta, generator=generator, callback=callback)
     return x.to(x_T.dtype)
+
+
+def _check_tail(timesteps, full: torch.Tensor) -> None:
+    """ValueError unless `timesteps` is a 1-D integer tensor equal to full[len(full) - k:]."""
+    if not isinstance(timesteps, torch.Tensor) or timesteps.ndim != 1 \
+            or timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
+        what = (f"a {timesteps.dtype} tensor of shape {tuple(timesteps.shape)}"
+                if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__)
+        raise ValueError(f"timesteps must be a 1-D integer tensor (a tail of "
+                         f"scheduler.timesteps); got {what}")
+    k, n = len(timesteps), len(full)
+    if k > n or not torch.equal(timesteps.cpu(), full[n - k:].cpu()):
+        raise ValueError(
+            f"timesteps={reprlib.repr(timesteps.tolist())} is not a tail of the scheduler's "
+            f"{n} timesteps {reprlib.repr(full.tolist())}: each step lands on the list's next "
+            "entry, so only scheduler.timesteps[n - k:] (e.g. img2img_timesteps(strength)) "
+            "gives the right distribution")
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:

@@ -11,9 +11,12 @@ import torch
 from helpers import tiny_config
 from PIL import Image
 
+import sample as sample_script
+import sampling.evaluate as evaluate_script
 from diffusion import CheckpointError
 from nets import AdvancedUNet, TextEncoder
 from sampling import AdvancedDiffusionPipeline, guided_model_fn
+from sampling.evaluate import sample_all_captions
 from sampling.pipeline import parse_device
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +116,33 @@ def test_seeds(pipeline):
     torch.testing.assert_close(a, one_by_one, rtol=0, atol=1e-4)
 
 
+STOCHASTIC = [("ddpm", None), ("euler_ancestral", None), ("ddim", 1.0)]
+
+
+@pytest.mark.parametrize("sampler, eta", STOCHASTIC)
+def test_a_seed_fixes_its_image_with_the_stochastic_samplers(pipeline, sampler, eta):
+    """Each image draws its start AND step noise from its own seed, so a batch equals the
+    same (prompt, seed) pairs made one at a time. (Bitwise on this machine; the tolerance
+    is test_seeds' allowance for batch-size-dependent float32 kernels. A shared step-noise
+    generator gives differences of order 1.)"""
+    prompts, seeds = ["a red circle", "a blue square", "a green cross"], [5, 6, 7]
+    kw = dict(sampler=sampler, eta=eta)
+    batch = images_of(pipeline, prompts, seeds, **kw)
+    one_by_one = torch.cat([images_of(pipeline, [p], [s], **kw) for p, s in zip(prompts, seeds)])
+    torch.testing.assert_close(batch, one_by_one, rtol=0, atol=1e-4)
+
+
+def test_evaluate_images_do_not_depend_on_the_batch_size(pipeline):
+    """sampling.evaluate scores the same images whatever --batch-size is (DDPM sampling)."""
+    kw = dict(sampler="ddpm", num_inference_steps=2, guidance_scale=3.0)
+    whole, prompts = sample_all_captions(pipeline, 1, batch_size=24, **kw)
+    pieces, same_prompts = sample_all_captions(pipeline, 1, batch_size=5, **kw)
+    assert prompts == same_prompts and whole.shape[0] == 24
+    # float32 kernels sum in a batch-size-dependent order (1.4e-4 seen here); 5e-4 is 1/8 of an
+    # 8-bit level, while a step-noise generator shared by the batch changes images by ~1
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=5e-4)
+
+
 def test_generate_image_returns_pil_images(pipeline):
     image = pipeline.generate_image("a red circle", num_inference_steps=2, seed=0)
     assert isinstance(image, Image.Image) and image.size == (16, 16)
@@ -166,6 +196,29 @@ def test_img2img_runs_the_remaining_steps_from_the_right_noise_level(pipeline):
     torch.testing.assert_close(calls[0][1], expected_first)
 
 
+def test_settings_left_out_come_from_the_config():
+    """generate_image and generate_variations take num_inference_steps and guidance_scale
+    from the config when not given (the guide's config has 50 and 7.5): here 3 steps and
+    guidance 1, i.e. 3 forwards of the conditional batch alone."""
+    config = tiny_config(num_inference_steps=3, guidance_scale=1.0)
+    pipe = AdvancedDiffusionPipeline(config)
+    batches = []
+    forward = pipe.unet.forward
+
+    def recording(x, t, context, mask):
+        batches.append(x.shape[0])
+        return forward(x, t, context, mask)
+
+    pipe.unet.forward = recording
+    pipe.generate_image("a red circle", seed=0)
+    assert batches == [1, 1, 1]
+    batches.clear()
+    pipe.generate_variations(Image.new("RGB", (16, 16)), "a red circle", strength=1.0, seed=0)
+    assert batches == [1, 1, 1]
+    assert pipe.settings() == {"num_inference_steps": 3, "guidance_scale": 1.0,
+                               "sampler": "ddim", "eta": 0.0, "guidance_rescale": 0.0}
+
+
 def test_generate_variations_accepts_a_path_and_resizes(pipeline, tmp_path):
     path = tmp_path / "in.png"
     Image.new("RGB", (40, 24), (255, 0, 0)).save(path)
@@ -203,7 +256,7 @@ def test_memory_toggles_give_the_same_images():
     (dict(width=17), r"width=17 must be a positive multiple of the network's total "
                      r"downsampling 2"),
     (dict(height=0), r"height=0 must be a positive multiple"),
-    (dict(num_inference_steps=0), r"num_inference_steps=0 must be an int in \[1, "),
+    (dict(num_inference_steps=0), r"num_inference_steps=0 is out of range; allowed: 1 <= "),
     (dict(num_inference_steps=1001), r"num_inference_steps=1001"),
     (dict(sampler="heun"), r"sampler='heun' is not one of \['ddpm', 'ddim'"),
     (dict(init_images=torch.zeros(1, 3, 16, 16), strength=1.5),
@@ -212,6 +265,64 @@ def test_memory_toggles_give_the_same_images():
 def test_bad_generation_arguments(pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
         images_of(pipeline, ["a red circle"], [0], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    # per-call settings are held to the config fields' own checks (DiffusionConfig)
+    (dict(guidance_rescale=5.0), ValueError,
+     r"guidance_rescale=5.0 is out of range; allowed: 0.0 <= guidance_rescale <= 1.0"),
+    (dict(guidance_scale=-4.0), ValueError,
+     r"guidance_scale=-4.0 is out of range; allowed: 0.0 <= guidance_scale"),
+    (dict(eta=-1.0), ValueError, r"eta=-1.0 is out of range; allowed: 0.0 <= eta"),
+    (dict(eta="x"), TypeError, r"eta='x' must be float"),
+    (dict(num_inference_steps=2.5), TypeError, r"num_inference_steps=2.5 must be int"),
+    (dict(sampler=""), ValueError, r"sampler='' is not one of \['ddpm', 'ddim'"),
+])
+def test_per_call_settings_are_validated_like_the_config(pipeline, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        images_of(pipeline, ["a red circle"], [0], **kwargs)
+    with pytest.raises(error, match=message):
+        pipeline.settings(**kwargs)
+
+
+@pytest.mark.parametrize("prompts, init, kwargs, message", [
+    (["a red circle"], torch.zeros(1, 3, 8, 8), {},
+     r"init_images has shape \(1, 3, 8, 8\); expected \(1, 3, 16, 16\): one "
+     r"\(in_channels=3, height=16, width=16\) image per prompt, 1 prompts"),
+    (["a red circle"], torch.zeros(1, 3, 16, 16), dict(height=32),
+     r"init_images has shape \(1, 3, 16, 16\); expected \(1, 3, 32, 16\).*height=32"),
+    (["a red circle", "a blue square"], torch.zeros(1, 3, 16, 16), dict(strength=0.0),
+     r"init_images has shape \(1, 3, 16, 16\); expected \(2, 3, 16, 16\)"),
+    (["a red circle"], torch.zeros(3, 16, 16), {},
+     r"init_images has shape \(3, 16, 16\); expected \(1, 3, 16, 16\)"),
+    (["a red circle"], torch.zeros(1, 1, 16, 16), {},
+     r"init_images has shape \(1, 1, 16, 16\); expected \(1, 3, 16, 16\)"),
+    ([], None, {}, r"prompts is empty; pass at least one prompt"),
+])
+def test_bad_init_images_and_prompts(pipeline, prompts, init, kwargs, message):
+    kwargs = {"strength": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        images_of(pipeline, prompts, list(range(len(prompts))), init_images=init, **kwargs)
+
+
+def test_documented_pipeline_errors(pipeline, tmp_path):
+    with pytest.raises(TypeError, match=r"config must be a DiffusionConfig; got dict"):
+        AdvancedDiffusionPipeline({"sample_size": 16})
+    with pytest.raises(TypeError, match=r"init_images must be a tensor of shape "
+                                        r"\(1, 3, 16, 16\); got list"):
+        images_of(pipeline, ["a red circle"], [0], init_images=[[0.0]], strength=0.5)
+    with pytest.raises(ValueError, match=r"got 2 prompts but 1 seeds"):
+        images_of(pipeline, ["a red circle", "a blue square"], [0])
+    missing = tmp_path / "missing.png"
+    with pytest.raises(ValueError, match=rf"image path '{missing}' does not exist"):
+        pipeline.generate_variations(missing, "a red circle", seed=0)
+    with pytest.raises(TypeError, match=r"image must be a PIL image or a path; got int"):
+        pipeline.generate_variations(42, "a red circle", seed=0)
+    for call in (lambda: pipeline.generate_image("a red circle", num_images=0),
+                 lambda: pipeline.generate_variations(Image.new("RGB", (16, 16)), "a red circle",
+                                                      num_images=0)):
+        with pytest.raises(ValueError, match=r"num_images=0 must be a positive int"):
+            call()
 
 
 def test_from_checkpoint_errors(tmp_path):
@@ -273,6 +384,54 @@ def test_sample_script_img2img_and_errors(checkpoint, tmp_path):
     assert bad.returncode != 0 and "strength=2.0" in bad.stderr
 
 
+def script_error(module, monkeypatch, capsys, *args) -> str:
+    """Run a script's main(args) in this process; return what it exited with (the one-line
+    message sys.exit prints, or argparse's usage error)."""
+    monkeypatch.setattr(module, "keep_freed_memory", lambda: True)  # process-wide: skip it
+    with pytest.raises(SystemExit) as info:
+        module.main([str(a) for a in args])
+    code = info.value.code
+    return code if isinstance(code, str) else capsys.readouterr().err
+
+
+def test_sample_script_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    base = ("--checkpoint", checkpoint, "--prompt", "a red circle", "--out", tmp_path / "o")
+    missing = tmp_path / "missing.png"
+    assert script_error(sample_script, monkeypatch, capsys, *base, "--init-image", missing) == \
+        f"sample.py: --init-image {str(missing)!r} does not exist"
+    for flags, message in [
+        (("--guidance-rescale", 5), "sample.py: guidance_rescale=5.0 is out of range; allowed: "
+                                    "0.0 <= guidance_rescale <= 1.0"),
+        (("--guidance-scale", -4), "sample.py: guidance_scale=-4.0 is out of range"),
+        (("--eta", -1), "sample.py: eta=-1.0 is out of range"),
+        (("--steps", 0), "sample.py: num_inference_steps=0 is out of range"),
+    ]:
+        assert script_error(sample_script, monkeypatch, capsys, *base, *flags) \
+            .startswith(message), flags
+    assert "--num-images: 0 must be a positive int" in \
+        script_error(sample_script, monkeypatch, capsys, *base, "--num-images", 0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_script_metadata_seed_remakes_the_image(checkpoint, tmp_path, monkeypatch):
+    """With ddpm (fresh noise every step), image 1 of a batch of 3 is the image of its seed
+    in metadata.jsonl made alone."""
+    monkeypatch.setattr(sample_script, "keep_freed_memory", lambda: True)
+    common = ("--checkpoint", checkpoint, "--prompt", "a red circle", "--steps", 4,
+              "--sampler", "ddpm", "--device", "cpu")
+    assert sample_script.main([str(a) for a in (*common, "--num-images", 3, "--seed", 5,
+                                                "--out", tmp_path / "batch")]) == 0
+    line = (tmp_path / "batch" / "metadata.jsonl").read_text().splitlines()[1]
+    seed = json.loads(line)["seed"]
+    assert seed == 6
+    assert sample_script.main([str(a) for a in (*common, "--seed", seed,
+                                                "--out", tmp_path / "alone")]) == 0
+    batch = torch.tensor(list(Image.open(tmp_path / "batch" / "0001.png").tobytes()))
+    alone = torch.tensor(list(Image.open(tmp_path / "alone" / "0000.png").tobytes()))
+    assert batch.numel() == 16 * 16 * 3
+    assert (batch - alone).abs().max().item() <= 1  # 8-bit rounding of float32 kernels
+
+
 def test_from_checkpoint_uses_ema_weights(checkpoint):
     ema = AdvancedDiffusionPipeline.from_checkpoint(checkpoint)
     raw = AdvancedDiffusionPipeline.from_checkpoint(checkpoint, use_ema=False)
@@ -323,6 +482,16 @@ def test_evaluate_controls_and_errors(checkpoint, tmp_path):
     assert bad.returncode != 0 and "--seeds: 0 must be a positive int" in bad.stderr
     bad = evaluate_cli("--checkpoint", checkpoint, "--device", "gpu")
     assert bad.returncode != 0 and "device='gpu' is not a device" in bad.stderr
+
+
+def test_evaluate_errors_are_one_line(checkpoint, monkeypatch, capsys):
+    base = ("--checkpoint", checkpoint, "--seeds", 1, "--device", "cpu")
+    assert script_error(evaluate_script, monkeypatch, capsys, *base, "--sampler", "heun") \
+        .startswith("evaluate: sampler='heun' is not one of ['ddpm', 'ddim'")
+    assert script_error(evaluate_script, monkeypatch, capsys, *base, "--steps", 0) \
+        .startswith("evaluate: num_inference_steps=0 is out of range")
+    assert "--batch-size: 0 must be a positive int" in \
+        script_error(evaluate_script, monkeypatch, capsys, *base, "--batch-size", 0)
 
 
 def test_parse_device():

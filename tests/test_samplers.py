@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from diffusion import AdvancedScheduler, DiffusionConfig
+from diffusion import AdvancedScheduler, DiffusionConfig, randn_like
 from diffusion.config import SAMPLERS as CONFIG_SAMPLERS
 from diffusion.oracle import GaussianMixture, exact_model_fn
 from sampling.samplers import SAMPLERS, check_sampler, sample
@@ -206,6 +206,51 @@ def test_point_mass_with_zero_terminal_snr(sampler, eta):
 
 
 @pytest.mark.parametrize("sampler, eta", RUNS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_x0_clipping_happens_before_every_update(sampler, eta, spacing, prediction_type):
+    """DESIGN.md: x0_hat is clipped, and eps_hat recomputed from it, before EVERY update.
+
+    Point mass at 1.5, clip to +-1: the unclipped x0_hat is 1.5 at every step, the clipped one
+    1. Each step t -> t' must then be the eta-DDIM update (Song et al. 2021, eq. 12) with
+    x0c = 1 and eps_c = (x_t - sqrt(abar) x0c) / sqrt(1 - abar):
+        x_t' = sqrt(abar') x0c + sqrt(1 - abar' - sigma^2) eps_c + sigma z,
+    eta = 1 for the stochastic samplers (ddpm fixed_small and euler_ancestral are that
+    chain), 0 for the others (euler; dpmsolver++, whose second-order D = x0c when x0_hat is
+    the same every step). z is the next draw of the step-noise generator. The callback sees
+    every step, so a sampler that clipped on its last step only fails at step 0 (the final
+    output, checked by the test above, is 1 either way).
+    """
+    sched = make(prediction_type, spacing, clip_sample=True, clip_sample_range=1.0)
+    n, seed, x0c = 6, 3, 1.0
+    stochastic = (sampler, eta) in STOCHASTIC
+    steps = []
+    run(sched, GaussianMixture((1.0,), (1.5,), (0.0,)), sampler, eta, n, noise(16), seed=seed,
+        callback=lambda i, t, x: steps.append((int(t), x.clone())))
+    replay = torch.Generator().manual_seed(seed)  # the same noise draws, in order
+    listed = make(prediction_type, spacing)
+    listed.set_timesteps(n)
+    assert [t for t, _ in steps] == listed.timesteps.tolist()
+    x = noise(16)
+    for t, x_next in steps:
+        t_next = listed.previous_timestep(t)
+        abar = float(sched.alphas_cumprod_float64[t])
+        if t_next < 0:  # the last step returns the clipped x0_hat
+            expected = torch.full_like(x, x0c)
+        else:
+            abar_next = float(sched.alphas_cumprod_float64[t_next])
+            eps = (x - math.sqrt(abar) * x0c) / math.sqrt(1 - abar)
+            sigma = math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)) \
+                if stochastic else 0.0
+            expected = math.sqrt(abar_next) * x0c \
+                + math.sqrt(1 - abar_next - sigma**2) * eps
+            if stochastic:
+                expected = expected + sigma * randn_like(x, replay)
+        torch.testing.assert_close(x_next, expected, rtol=0, atol=1e-9, msg=f"step from {t}")
+        x = x_next
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_x0_clipping_applies_in_every_sampler(sampler, eta, prediction_type):
     """Point mass at 1.5 with clip_sample to +-1: every x0_hat is clipped to 1, so the output
@@ -272,6 +317,54 @@ def test_a_tail_of_the_list_runs_only_those_steps(sampler, eta):
                  callback=lambda i, t, x: calls.append(i))
     assert seen == tail.tolist() and calls == list(range(4))
     assert (out - 0.3).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("sampler, eta", RUNS)
+def test_a_timestep_list_that_is_not_a_tail_is_refused(sampler, eta):
+    """Each step lands on the NEXT entry of the scheduler's list, so only a tail of it (what
+    img2img_timesteps gives) runs the right chain; a subset from the middle, every other
+    entry or a list of another step count would silently sample the wrong distribution."""
+    sched = make("epsilon", "trailing")
+    sched.set_timesteps(10)
+    full = sched.timesteps.clone()
+    other = make("epsilon", "trailing")
+    other.set_timesteps(5)
+    model = exact_model_fn(sched, POINT)
+    for bad in (full[2:5], full[::2], full[:-1], other.timesteps[1:],
+                torch.cat([full[:1] + 1, full])):
+        with pytest.raises(ValueError, match=r"timesteps=\[.*\] is not a tail of the "
+                                             r"scheduler's 10 timesteps"):
+            sample(model, sched, noise(2), sampler=sampler, num_inference_steps=10, eta=eta,
+                   timesteps=bad)
+    with pytest.raises(ValueError, match=r"timesteps must be a 1-D integer tensor"):
+        sample(model, sched, noise(2), sampler=sampler, num_inference_steps=10,
+               timesteps=full[5:].double())
+    for tail in (full, full[3:], full[9:], full[10:]):  # every tail runs, the empty one too
+        sample(model, sched, noise(2), sampler=sampler, num_inference_steps=10, eta=eta,
+               timesteps=tail)
+
+
+@pytest.mark.parametrize("sampler, eta", STOCHASTIC)
+def test_one_generator_per_image_makes_each_image_its_own(sampler, eta):
+    """generator=[g_5, g_6, g_7]: image i's step noise comes from g_i alone, so a batch of
+    three equals the three images made one at a time with those seeds, bitwise (the exact
+    denoiser works elementwise and each row's noise is its own generator's draw, so no
+    float32 kernel sums across the batch). With one generator for the batch, image 1 would
+    get the draws that follow image 0's."""
+    sched = make("v_prediction", "trailing")
+    model = exact_model_fn(sched, MIXTURE)
+    x_T, seeds = noise(3), (5, 6, 7)
+
+    def draw(x, generator):
+        return sample(model, sched, x, sampler=sampler, num_inference_steps=10, eta=eta,
+                      generator=generator)
+
+    batch = draw(x_T, [torch.Generator().manual_seed(s) for s in seeds])
+    one_by_one = torch.cat([draw(x_T[i:i + 1], torch.Generator().manual_seed(s))
+                            for i, s in enumerate(seeds)])
+    assert torch.equal(batch, one_by_one)
+    shared = draw(x_T, torch.Generator().manual_seed(5))
+    assert (shared[1:] - batch[1:]).abs().min().item() > 1e-3
 
 
 @pytest.mark.parametrize("sampler, eta", RUNS)

@@ -56,6 +56,48 @@ def test_add_noise_of_unit_variance_data_has_unit_variance(schedule):
         assert abs(x_t.var().item() - 1) < 5 * (2 / n) ** 0.5
 
 
+def test_randn_like_with_one_generator_per_row():
+    """A list of B generators draws row i from generator i alone: each row equals that
+    generator's draw for a batch of one, whatever the other rows' generators are."""
+    x = torch.zeros(3, 2, 4, 4)
+    rows = randn_like(x, [gen(5), gen(6), gen(7)])
+    assert rows.shape == x.shape and rows.dtype == x.dtype
+    for i, seed in enumerate((5, 6, 7)):
+        assert torch.equal(rows[i:i + 1], randn_like(x[:1], gen(seed)))
+        assert torch.equal(rows[i:i + 1], randn_like(x[:1], [gen(seed)]))
+    assert torch.equal(randn_like(x, (gen(9), gen(6), gen(7)))[1:], rows[1:])  # a tuple too
+    halves = randn_like(x.double(), [gen(5), gen(6), gen(7)])
+    assert halves.dtype == torch.float64 and torch.equal(halves[0:1], randn_like(x[:1].double(),
+                                                                                   gen(5)))
+
+
+@pytest.mark.parametrize("generator, error, message", [
+    ([gen(0), gen(1)], ValueError,
+     r"generator is a list of 2 generators but x is a batch of 3; pass one generator per row"),
+    ((gen(0),) * 4, ValueError, r"generator is a tuple of 4 generators but x is a batch of 3"),
+    ([gen(0), 1, gen(2)], TypeError, r"generator must be a torch.Generator.*; got int"),
+    (7, TypeError, r"generator must be a torch.Generator, a list or tuple of them, or None; "
+                   r"got int"),
+])
+def test_randn_like_generator_errors(generator, error, message):
+    with pytest.raises(error, match=message):
+        randn_like(torch.zeros(3, 2), generator)
+
+
+def test_step_noise_with_one_generator_per_row_equals_row_by_row_steps():
+    """scheduler.step passes a list of generators through: image i's noise is its own."""
+    sched = make(sampler="ddpm")
+    sched.set_timesteps(10)
+    x, out = torch.randn(3, 2, 4, 4, dtype=F64), torch.randn(3, 2, 4, 4, dtype=F64)
+    t = int(sched.timesteps[2])
+    batch = sched.step(out, t, x, generator=[gen(5), gen(6), gen(7)]).prev_sample
+    for i, seed in enumerate((5, 6, 7)):
+        row = sched.step(out[i:i + 1], t, x[i:i + 1], generator=gen(seed)).prev_sample
+        assert torch.equal(batch[i:i + 1], row)
+    one = sched.step(out, t, x, generator=gen(5)).prev_sample  # one generator: rows differ
+    assert not torch.equal(batch[1:], one[1:])
+
+
 def test_add_noise_generator_determinism():
     sched = make()
     x0 = torch.zeros(2, 3, 4, 4)
@@ -77,6 +119,48 @@ def test_conversions_round_trip(sched, seed):
     x0_hat, eps_hat = sched.convert_model_output(out, t, x_t, clip=False)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(eps_hat, eps, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_add_noise_adds_noise_at_small_t(dtype):
+    """sqrt(1 - abar_0) = 0.01 must not round to 0: 1 - abar is taken in float64, then cast
+    (in bf16, 1 - bf16(abar_0) = 1 - 1 = 0 would leave x_0 noise-free)."""
+    sched = make()
+    x0, noise = torch.zeros(2, 3, 4, 4, dtype=dtype), torch.ones(2, 3, 4, 4, dtype=dtype)
+    x_t = sched.add_noise(x0, 0, noise=noise)
+    expected = (1 - sched.alphas_cumprod_float64[0]).sqrt().to(dtype)
+    assert x_t.dtype == dtype and (x_t == expected).all() and expected > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_float32_coefficients_are_float64_coefficients_cast_once(prediction_type, schedule):
+    """Every coefficient a float32 sample meets is the float64 one rounded once (half an ulp,
+    6e-8 relative; a quotient of two such, 3 roundings). Unit inputs isolate each coefficient:
+    add_noise(0, 1) = sqrt(1 - abar), get_velocity(1, 0) = -sqrt(1 - abar), and the
+    conversions with x_t = 0 and output = 1. Casting abar to float32 first and taking 1 - abar
+    there is off by up to ~3e-4 relative near t = 0."""
+    sched = make(prediction_type, schedule)
+    T = sched.num_train_timesteps
+    t = torch.arange(T)
+    abar = sched.alphas_cumprod_float64
+    sa, s1 = abar.sqrt().reshape(-1, 1), (1 - abar).sqrt().reshape(-1, 1)
+    zeros, ones = torch.zeros(T, 1), torch.ones(T, 1)
+
+    def close(actual, expected64, ulps=1):
+        torch.testing.assert_close(actual, expected64.float(), rtol=ulps * 1.2e-7, atol=0)
+
+    close(sched.add_noise(zeros, t, noise=ones), s1)
+    close(sched.add_noise(ones, t, noise=zeros), sa)
+    close(sched.get_velocity(ones, zeros, t), -s1)
+    x0_hat, eps_hat = sched.convert_model_output(ones, t, zeros, clip=False)  # x_t = 0
+    if prediction_type == "epsilon":   # x0 = -sqrt(1-abar)/sqrt(abar) eps
+        close(x0_hat, -s1 / sa, ulps=3)
+    elif prediction_type == "v_prediction":  # x0 = -sqrt(1-abar) v, eps = sqrt(abar) v
+        close(x0_hat, -s1)
+        close(eps_hat, sa)
+    else:  # eps = -sqrt(abar)/sqrt(1-abar) x0
+        close(eps_hat, -sa / s1, ulps=3)
 
 
 def test_get_velocity_definition():
@@ -320,6 +404,31 @@ def test_img2img_timesteps():
      r"timesteps has shape \(3,\); expected a scalar or \(2,\)"),
     (lambda s: s.add_noise(torch.zeros(2, 1), 5, noise=torch.zeros(2, 2)), ValueError,
      r"noise has shape \(2, 2\) but original_samples has shape \(2, 1\)"),
+    # the public conversions take training timesteps only: -1 ("after the list", abar = 1) is
+    # the samplers' private sentinel, and anything outside [0, T-1] or non-integer is refused
+    (lambda s: s.alpha_bar(-1, torch.zeros(2, 1)), ValueError,
+     r"timesteps must lie in \[0, 999\]; got values in \[-1, -1\]"),
+    (lambda s: s.alpha_bar(torch.tensor([3, -5]), torch.zeros(2, 1)), ValueError,
+     r"timesteps must lie in \[0, 999\]; got values in \[-5, 3\]"),
+    (lambda s: s.alpha_bar(1000, torch.zeros(2, 1)), ValueError,
+     r"timesteps must lie in \[0, 999\]; got values in \[1000, 1000\]"),
+    (lambda s: s.alpha_bar(10.0, torch.zeros(2, 1)), TypeError, r"timesteps must be integers"),
+    (lambda s: s.alpha_bar(torch.tensor([1, 2]), torch.zeros(())), ValueError,
+     r"timesteps has shape \(2,\); expected a scalar for a 0-d sample"),
+    (lambda s: s.convert_model_output(torch.zeros(2, 1), -1, torch.zeros(2, 1)), ValueError,
+     r"timesteps must lie in \[0, 999\]; got values in \[-1, -1\]"),
+    (lambda s: s.convert_model_output(torch.zeros(2, 1), 1000, torch.zeros(2, 1)), ValueError,
+     r"timesteps must lie in \[0, 999\]"),
+    (lambda s: s.convert_model_output(torch.zeros(2, 1), torch.tensor([0.5, 1.0]),
+                                      torch.zeros(2, 1)), TypeError, r"timesteps must be integers"),
+    (lambda s: s.model_output_from(torch.zeros(2, 1), torch.zeros(2, 1), -1), ValueError,
+     r"timesteps must lie in \[0, 999\]; got values in \[-1, -1\]"),
+    (lambda s: s.model_output_from(torch.zeros(2, 1), torch.zeros(2, 1), 2000), ValueError,
+     r"timesteps must lie in \[0, 999\]"),
+    (lambda s: s.model_output_from(torch.zeros(2, 1), torch.zeros(2, 1), 3.0), TypeError,
+     r"timesteps must be integers"),
+    (lambda s: s.get_velocity(torch.zeros(2, 1), torch.zeros(2, 1), -1), ValueError,
+     r"timesteps must lie in \[0, 999\]"),
     (lambda s: s.set_timesteps(0), ValueError, r"num_inference_steps=0"),
     (lambda s: s.set_timesteps(1001), ValueError, r"num_inference_steps=1001"),
     (lambda s: s.img2img_timesteps(1.5), ValueError, r"strength=1.5 must be a number in"),

@@ -109,6 +109,9 @@ def test_spacing_values():
     assert inference_timesteps("linspace", 1000, 4).tolist() == [999, 666, 333, 0]
     assert inference_timesteps("trailing", 10, 10).tolist() == list(range(9, -1, -1))
     assert inference_timesteps("trailing", 1000, 1).tolist() == [999]
+    # one linspace step is linspace(0, T-1, 1) = [0] (DESIGN's formula), not T-1 as for n >= 2
+    assert inference_timesteps("linspace", 1000, 1).tolist() == [0]
+    assert inference_timesteps("linspace", 1000, 2).tolist() == [999, 0]
 
 
 def test_scheduler_tables_are_float32_copies_of_float64_math():
@@ -130,6 +133,11 @@ def test_scheduler_tables_are_float32_copies_of_float64_math():
      r"steps_offset=1 pushes the first 'leading' timestep to 10"),
     (lambda: inference_timesteps("trailing", 10, 5, steps_offset=1),
      r"steps_offset=1 only applies to timestep_spacing='leading'"),
+    # -1 would collide with the samplers' "after the last entry" (abar = 1) sentinel
+    (lambda: inference_timesteps("leading", 10, 5, steps_offset=-1),
+     r"steps_offset=-1 must be an int >= 0"),
+    (lambda: inference_timesteps("leading", 10, 5, steps_offset=-3),
+     r"steps_offset=-3 must be an int >= 0"),
 ])
 def test_schedule_errors(call, message):
     with pytest.raises(ValueError, match=message):
