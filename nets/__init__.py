@@ -13,7 +13,7 @@ from .attention import (
     explicit_attention,
 )
 from .blocks import Downsample, Dropout, Normalize, ResBlock, Upsample, norm_groups
-from .cpu import Conv2d, Linear, PrepackedWeight, keep_freed_memory
+from .cpu import Conv2d, Linear, PrepackedWeight, keep_freed_memory, reuse_packed_weights
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_as_batch
 from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock, trim_padding
 from .unet import (
@@ -59,6 +59,7 @@ __all__ = [
     "keep_freed_memory",
     "masked_mean",
     "norm_groups",
+    "reuse_packed_weights",
     "timestep_embedding",
     "timesteps_as_batch",
     "trim_padding",

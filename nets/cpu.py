@@ -1,6 +1,6 @@
 """Running the networks fast on the CPU: convolution and linear weights laid out once for
-inference (Conv2d, Linear), and a malloc setting that stops the allocator from handing big
-buffers back to the kernel (keep_freed_memory).
+inference (Conv2d, Linear, inside `reuse_packed_weights()`), and a malloc setting that stops
+the allocator from handing big buffers back to the kernel (keep_freed_memory).
 
 None of it changes what is computed (the prepacked layers agree with F.conv2d / F.linear to
 float rounding, ~1e-6 relative); it is about where the time goes on a CPU.
@@ -8,6 +8,8 @@ float rounding, ~1e-6 relative); it is about where the time goes on a CPU.
 
 import ctypes
 import ctypes.util
+import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -52,33 +54,66 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_reuse_depth = 0  # how many reuse_packed_weights() blocks are open (process-wide)
+_packed_layers = weakref.WeakSet()  # layers holding a laid-out copy, dropped on leaving
+
+
+@contextmanager
+def reuse_packed_weights():
+    """Inside the block, CPU inference lays out each Conv2d / Linear weight for oneDNN once and
+    reuses it on every later call; leaving the outermost block drops the copies.
+
+    For loops that run the same weights many times: `sampling.sample` wraps its sampling loop
+    in it, so the pipeline, sample.py and sampling.evaluate use it. Outside a block the layers
+    are plain nn.Conv2d / nn.Linear. The copies are remade when a weight changes in a way its
+    tensor records (an in-place op on the Parameter, load_state_dict, a new tensor), but an
+    edit through `.data` (`p.data.copy_(...)`) or through another tensor sharing the storage
+    bumps no version counter and is not seen: inside the block, change weights in place on
+    the Parameter (under torch.no_grad), as the EMA and the optimizers do.
+    """
+    global _reuse_depth
+    _reuse_depth += 1
+    try:
+        yield
+    finally:
+        _reuse_depth -= 1
+        if _reuse_depth == 0:
+            for layer in list(_packed_layers):
+                layer._packed = None
+            _packed_layers.clear()
+
+
 def _mkldnn_available(op_name: str) -> bool:
     return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, op_name))
 
 
 class PrepackedWeight:
-    """Mixin for nn.Conv2d / nn.Linear: on the CPU, without autograd, run the layer through
-    oneDNN with its weight laid out once (`_pack`) instead of on every call.
+    """Mixin for nn.Conv2d / nn.Linear: inside `reuse_packed_weights()`, on the CPU, without
+    autograd, run the layer through oneDNN with its weight laid out once (`_pack`) instead of
+    on every call.
 
-    The laid-out copy is kept in `_packed` until the weight changes: an in-place update
-    (optimizer step, EMA, load_state_dict) bumps the weight's version counter, and a new
-    weight tensor has a new identity or data pointer; any of these repacks. `train()` and
+    The laid-out copy is kept in `_packed` until the weight changes: an in-place update on the
+    Parameter (optimizer step, EMA, load_state_dict) bumps its version counter, and a new
+    weight tensor has a new identity or storage; any of these repacks (see
+    reuse_packed_weights for the edits that are not seen). Leaving the block, `train()` and
     `eval()` drop the copy, and pickling / deepcopy leave it out (oneDNN tensors cannot be
-    copied). The copy costs the memory of the weight again while the model runs inference.
-    The fast path needs: no gradient (torch.no_grad / inference_mode), CPU, fp32 input and
-    weight, no autocast, not inside torch.compile, oneDNN enabled, and the class attribute
-    `prepack_for_inference` (True; set it to False on the class to turn the path off).
-    Everything else is the parent's forward, unchanged.
+    copied). The copy costs the memory of the weight again while it is kept.
+    The fast path needs: an open reuse_packed_weights() block, no gradient (torch.no_grad /
+    inference_mode), CPU, fp32 input and weight, no autocast, not inside torch.compile,
+    oneDNN enabled, and the class attribute `prepack_for_inference` (True; set it to False on
+    the class to turn the path off). Everything else is the parent's forward, unchanged.
     """
 
     prepack_for_inference = True
     _op_name = ""  # the oneDNN op the subclass calls
-    _packed = None  # per instance once set: (weight, its data pointer, its version, laid out)
+    # per instance once set: (weight, its storage, data pointer, version, laid-out copy). The
+    # storage is held so that its address cannot be handed to a new weight while this is kept.
+    _packed = None
 
     def uses_packed_weight(self, x: torch.Tensor) -> bool:
         """Whether forward(x) takes the oneDNN path (the conditions above)."""
-        return (self.prepack_for_inference
+        return (self.prepack_for_inference and _reuse_depth > 0
                 and not torch.compiler.is_compiling()  # inductor lays out weights itself
                 and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and x.dtype == torch.float32
@@ -91,12 +126,14 @@ class PrepackedWeight:
         """The weight laid out for oneDNN (for inputs like x), made only when it changed."""
         w = self.weight
         if self._packed is not None:
-            packed_from, pointer, version, packed = self._packed
-            if packed_from is w and pointer == w.data_ptr() and version == w._version:
+            packed_from, storage, pointer, version, packed = self._packed
+            if (packed_from is w and w.untyped_storage().data_ptr() == storage.data_ptr()
+                    and pointer == w.data_ptr() and version == w._version):
                 return packed
             self._packed = None  # free the stale copy before making the new one
         packed = self._pack(w, x)  # runs under no_grad: nothing to detach
-        self._packed = (w, w.data_ptr(), w._version, packed)
+        self._packed = (w, w.untyped_storage(), w.data_ptr(), w._version, packed)
+        _packed_layers.add(self)
         return packed
 
     def train(self, mode: bool = True):

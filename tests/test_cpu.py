@@ -1,6 +1,7 @@
 """Tests of nets/cpu.py: the prepacked inference layers compute what F.conv2d / F.linear
-compute, notice every way their weight can change and stay out of training; keep_freed_memory
-really stops large blocks from being page-faulted in again."""
+compute, only inside reuse_packed_weights(), notice the ways their weight can change there and
+stay out of training; keep_freed_memory really stops large blocks from being page-faulted in
+again."""
 
 import copy
 import io
@@ -16,7 +17,7 @@ from helpers import randomize
 from torch import nn
 
 from diffusion import DiffusionConfig
-from nets import AdvancedUNet, Conv2d, Linear
+from nets import AdvancedUNet, Conv2d, Linear, reuse_packed_weights
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="the prepacked path needs oneDNN (mkldnn)")
@@ -61,10 +62,10 @@ def test_packed_convolution_matches_conv2d(kernel, stride, padding, bias, channe
     # packed for the first shape, then used with another batch and spatial size
     for shape in [(2, 6, 12, 16), (3, 6, 9, 7)]:
         x = torch.randn(shape).contiguous(memory_format=fmt)
-        with torch.no_grad():
+        with torch.no_grad(), reuse_packed_weights():
             out = conv(x)
             expected = reference(conv, x)
-        assert conv._packed is not None  # the fast path ran
+            assert conv._packed is not None  # the fast path ran
         assert out.shape == expected.shape
         assert rel_err(out, expected) < 1e-5
         assert out.is_contiguous(memory_format=fmt)  # the format F.conv2d returns
@@ -80,9 +81,9 @@ def test_packed_linear_matches_linear(shape, bias):
     x = torch.randn(shape)
     # packed for one number of rows, then used with another and with a non-contiguous input
     for inputs in [x, torch.randn(11, 6), torch.randn(6, 4, 5).transpose(0, 2)]:
-        with torch.no_grad():
+        with torch.no_grad(), reuse_packed_weights():
             out = layer(inputs)
-        assert layer._packed is not None  # the fast path ran
+            assert layer._packed is not None  # the fast path ran
         assert rel_err(out, reference(layer, inputs)) < 1e-5
 
 
@@ -97,20 +98,44 @@ def test_weight_changes_repack(kind):
             assert rel_err(layer(x), reference(layer, x)) < 1e-5
         assert layer._packed is not None
 
-    check()
+    with reuse_packed_weights():
+        check()
+        with torch.no_grad():
+            layer.weight.mul_(-2.0)  # in place: the version counter moves
+        check()
+        layer.load_state_dict({"weight": torch.randn(shape), "bias": torch.randn(shape[0])})
+        check()
+        layer.weight = nn.Parameter(torch.randn(shape))  # a new tensor
+        check()
+        layer.weight.data = torch.randn(shape)  # same Parameter, new storage
+        check()
+        for _ in range(20):  # the old storage is held, so a new one can never reuse its address
+            layer.weight.data = torch.randn(shape)
+            layer.weight.data = torch.randn(shape)
+            check()
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+        layer(x).square().sum().backward()
+        optimizer.step()
+        check()
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_copies_live_only_inside_the_block(kind):
+    """Outside reuse_packed_weights() the layer is the plain one, so every way of editing a
+    weight (`.data` included, which no version counter records) is seen; leaving the
+    outermost block drops the copies."""
+    torch.manual_seed(0)
+    layer, x = LAYERS[kind]()
     with torch.no_grad():
-        layer.weight.mul_(-2.0)  # in place: the version counter moves
-    check()
-    layer.load_state_dict({"weight": torch.randn(shape), "bias": torch.randn(shape[0])})
-    check()
-    layer.weight = nn.Parameter(torch.randn(shape))  # a new tensor
-    check()
-    layer.weight.data = torch.randn(shape)  # same Parameter, new storage
-    check()
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
-    layer(x).square().sum().backward()
-    optimizer.step()
-    check()
+        layer(x)
+        assert layer._packed is None
+        with reuse_packed_weights():
+            with reuse_packed_weights():
+                layer(x)
+            assert layer._packed is not None  # the inner block's exit keeps it
+        assert layer._packed is None
+        layer.weight.data.mul_(-3.0)
+        assert rel_err(layer(x), reference(layer, x)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -118,27 +143,28 @@ def test_training_and_autograd_use_the_plain_layer(kind):
     torch.manual_seed(0)
     layer, x = LAYERS[kind]()
     x.requires_grad_(True)
-    out = layer(x)
-    assert layer._packed is None
-    out.square().sum().backward()
-    assert layer.weight.grad is not None and x.grad is not None
-    with torch.no_grad():
-        layer(x)
-    assert layer._packed is not None
-    layer.train()
-    assert layer._packed is None  # train() (and eval()) drop the copy
+    with reuse_packed_weights():
+        out = layer(x)
+        assert layer._packed is None
+        out.square().sum().backward()
+        assert layer.weight.grad is not None and x.grad is not None
+        with torch.no_grad():
+            layer(x)
+        assert layer._packed is not None
+        layer.train()
+        assert layer._packed is None  # train() (and eval()) drop the copy
 
 
 @pytest.mark.parametrize("kind", LAYERS)
 def test_switch_off_and_other_dtypes(kind, monkeypatch):
     layer, x = LAYERS[kind]()
     monkeypatch.setattr(type(layer), "prepack_for_inference", False)
-    with torch.no_grad():
+    with torch.no_grad(), reuse_packed_weights():
         layer(x)
     assert layer._packed is None
     monkeypatch.setattr(type(layer), "prepack_for_inference", True)
     layer = layer.double()
-    with torch.no_grad():
+    with torch.no_grad(), reuse_packed_weights():
         out = layer(x.double())
     assert layer._packed is None and out.dtype == torch.float64
 
@@ -146,15 +172,15 @@ def test_switch_off_and_other_dtypes(kind, monkeypatch):
 @pytest.mark.parametrize("kind", LAYERS)
 def test_copies_and_pickles_after_inference(kind):
     layer, x = LAYERS[kind]()
-    with torch.no_grad():
+    with torch.no_grad(), reuse_packed_weights():
         expected = layer(x)
-    twin = copy.deepcopy(layer)  # oneDNN tensors cannot be deep-copied: the copy is dropped
-    assert twin._packed is None and layer._packed is not None
-    buffer = io.BytesIO()
-    torch.save(layer, buffer)
+        twin = copy.deepcopy(layer)  # oneDNN tensors cannot be deep-copied: the copy is dropped
+        assert twin._packed is None and layer._packed is not None
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    with torch.no_grad():
+    with torch.no_grad(), reuse_packed_weights():
         assert torch.equal(twin(x), expected) and torch.equal(loaded(x), expected)
 
 
@@ -171,7 +197,7 @@ def small_unet(size, width):
 
 def test_unet_inference_same_with_and_without_prepacking(monkeypatch):
     model, x, context = small_unet(16, 32)
-    with torch.no_grad():
+    with torch.no_grad(), reuse_packed_weights():
         packed = model(x, 10, context)["sample"]
         assert all(m._packed is not None for m in model.modules()
                    if isinstance(m, (Conv2d, Linear)))
@@ -184,6 +210,28 @@ def test_unet_inference_same_with_and_without_prepacking(monkeypatch):
     # channels_last inside, the input's memory format outside
     assert packed.is_contiguous() and packed_last.is_contiguous(memory_format=torch.channels_last)
     assert not model.unet._runs_channels_last(x)  # autograd on: never
+    with torch.no_grad():
+        assert not model.unet._runs_channels_last(x)  # outside the block: never
+
+
+def test_sampling_loop_reuses_the_packed_weights():
+    """sampling.sample runs its loop inside reuse_packed_weights(): the network called from
+    model_fn lays out each weight once for all steps, and the copies go when it returns."""
+    from diffusion import AdvancedScheduler
+    from sampling import sample
+
+    model, x, context = small_unet(8, 16)
+    scheduler = AdvancedScheduler(model.config)
+    copies = []
+
+    def model_fn(x_t, t):
+        out = model(x_t, t, context)["sample"]
+        copies.append(model.unet.conv_in._packed[-1])
+        return out
+
+    sample(model_fn, scheduler, x[:, :, :8, :8], sampler="ddim", num_inference_steps=3)
+    assert len(copies) == 3 and all(c is copies[0] for c in copies)
+    assert all(m._packed is None for m in model.modules() if isinstance(m, (Conv2d, Linear)))
 
 
 KEEP_FREED_CHILD = """
@@ -232,7 +280,7 @@ def test_compiled_unet_matches_the_prepacked_eager_unet():
         graphs.append(graph_module)
         return graph_module.forward
 
-    with torch.no_grad():
+    with torch.no_grad(), reuse_packed_weights():
         eager = model(x, 10, context)["sample"]
         torch._dynamo.reset()
         model.unet.compile(backend=record)

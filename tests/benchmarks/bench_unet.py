@@ -16,8 +16,9 @@ Method (a benchmark, not a test: nothing here asserts anything about time):
   num_res_blocks 1, 4 heads, context_dim 256) at 32x32 with attention_resolutions (16,),
   batch 8; "default" is the guide's DiffusionConfig defaults at 64x64, batch 2. Context
   length 77 (all tokens real). Dropout is the config's (0.1 in both), active in training.
-- inference: eval mode under torch.no_grad, so the convolutions and linear layers use weights
-  prepacked for oneDNN and the UNet runs in channels_last inside (nets/cpu.py);
+- inference: eval mode under torch.no_grad inside nets.reuse_packed_weights() (as a sampling
+  loop runs it), so the convolutions and linear layers use weights prepacked for oneDNN and
+  the UNet runs in channels_last inside (nets/cpu.py);
   `inference_unpacked_ms` turns that off (plain eager layers, NCHW) for comparison. train:
   train mode, zero_grad(set_to_none=True), forward, MSE loss, backward (no optimizer step).
 - the timing process calls nets.keep_freed_memory() first, as train.py and sample.py do
@@ -60,6 +61,7 @@ from nets import (  # noqa: E402
     PrepackedWeight,
     cpu_has_fast_low_precision,
     keep_freed_memory,
+    reuse_packed_weights,
 )
 
 THREADS = 2
@@ -168,6 +170,11 @@ def count_all_flops(model, inputs):
 
 
 def timings(name, repeats, use_compile):
+    with reuse_packed_weights():  # for every timing: inference keeps its laid-out weights
+        return _timings(name, repeats, use_compile)
+
+
+def _timings(name, repeats, use_compile):
     model, inputs = build(name)
     x, t, context = inputs
     res = {"params": sum(p.numel() for p in model.parameters()), "batch": x.shape[0]}
