@@ -236,7 +236,7 @@ class AdvancedDiffusionTrainer:
 
     def _forward_loss(self, images, prompts, timesteps, noise) -> torch.Tensor:
         x_t = self.noise_scheduler.add_noise(images, timesteps, noise=noise)
-        abar = self.noise_scheduler.alpha_bar(timesteps, images)
+        abar = self.noise_scheduler.alphas_cumprod_float64[timesteps.cpu()]  # (B,) float64
         target = training_target(self.config.prediction_type, images, noise, abar)
         input_ids, mask = self.tokenizer(prompts)
         with self.autocast():

@@ -160,6 +160,19 @@ def test_training_target_definitions():
                                a.sqrt() * eps - (1 - a).sqrt() * x0)
 
 
+def test_v_target_keeps_the_noise_near_t0_in_low_precision():
+    """sqrt(1 - abar) is taken in float64: at abar = 1 - 1e-5 the bf16 target still holds
+    -sqrt(1e-5) x0 (1 - abar cast to bf16 first would be 0), and fp32 matches float64."""
+    abar = torch.tensor([1 - 1e-5], dtype=torch.float64)
+    x0, eps = torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    v16 = training_target("v_prediction", x0.bfloat16(), eps.bfloat16(), abar)
+    assert v16.dtype == torch.bfloat16
+    torch.testing.assert_close(v16.float(), torch.full_like(x0, -(1e-5) ** 0.5), rtol=1e-2,
+                               atol=0)
+    v32 = training_target("v_prediction", x0, eps, abar)
+    assert v32[0, 0, 0, 0].item() == pytest.approx(-(1e-5) ** 0.5, rel=1e-7)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda: L.l2_loss(torch.zeros(2, 3), torch.zeros(2, 4)), ValueError,
      r"pred has shape \(2, 3\) but target has shape \(2, 4\)"),
