@@ -130,7 +130,8 @@ class DiffusionConfig:
     sample_size: int = _field(64, "Image height/width the model is built and trained for.",
                               low=1)
     use_scale_shift_norm: bool = _field(
-        True, "Timestep conditioning as GroupNorm scale-shift (else added to features).")
+        True, "Timestep conditioning as GroupNorm scale-shift (else added to features, which "
+              "GroupNorm erases at <= 32 channels: a warning says so).")
     pooled_text_conditioning: bool = _field(
         False, "Also add the prompt's mean text state, projected, to the timestep embedding "
         "so every ResBlock sees the prompt (Imagen's pooled embedding).")
