@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from diffusion.config import positive_int
 from nets import keep_freed_memory
 from sampling import SAMPLERS, AdvancedDiffusionPipeline, from_pil, make_grid, to_pil
-from sampling.pipeline import add_device_argument, positive_int
+from sampling.pipeline import add_device_argument
 
 
 def parse_args(argv=None):

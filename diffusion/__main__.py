@@ -8,7 +8,7 @@ the printout shows how close each sampler gets, and how DDIM's error falls with 
 import argparse
 import time
 
-from .config import DiffusionConfig
+from .config import DiffusionConfig, positive_int
 from .oracle import GaussianMixture, sample_exact
 from .scheduler import AdvancedScheduler
 
@@ -21,17 +21,6 @@ def run(sampler: str, steps: int, num_samples: int, prediction_type: str, seed: 
     scheduler.set_timesteps(steps)
     x = sample_exact(scheduler, MIXTURE, num_samples, seed=seed)
     return x.mean().item(), x.std().item(), (x > 0).double().mean().item()
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (0 samples has no mean; a negative count is meaningless)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer (>= 1)")
-    return value
 
 
 def main(argv=None):

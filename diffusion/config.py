@@ -15,6 +15,7 @@ Validation happens in two places:
   config is only consistent again after the second line.
 """
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -287,6 +288,18 @@ class DiffusionConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(DiffusionConfig)}
+
+
+def positive_int(text: str) -> int:
+    """argparse type for the scripts' counts (--num-images, --seeds, --num-samples, ...): an
+    int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer (>= 1)")
+    return value
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -20,9 +20,10 @@ import time
 import torch
 
 from diffusion import SHAPES, CheckpointError, all_captions, shapes_adherence
+from diffusion.config import positive_int
 from nets import keep_freed_memory
 
-from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid, positive_int
+from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid
 
 SHUFFLE_SEED = 12345
 

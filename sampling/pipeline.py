@@ -37,14 +37,6 @@ def add_device_argument(parser) -> None:
                         help="where to sample (default: cuda when available, else cpu)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for the scripts' counts (--num-images, --seeds, --batch-size): an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive int")
-    return value
-
-
 def parse_device(name: str) -> torch.device:
     """'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError naming what is allowed."""
     try:
