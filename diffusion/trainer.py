@@ -178,7 +178,7 @@ class AdvancedDiffusionTrainer:
         self._consecutive_skips = 0
         self._micro_step = 0
         self._window_nonfinite = False
-        self._window_losses = []      # this accumulation window's micro-batch losses
+        self._window_losses = []      # this accumulation window's micro-batch losses (floats)
 
     # ---- one step ----
 
@@ -280,17 +280,18 @@ class AdvancedDiffusionTrainer:
             else:
                 self._window_nonfinite = True
         self._micro_step += 1
-        self._window_losses.append(loss.detach().float())
-        window_loss = torch.stack(self._window_losses).mean()
+        self._window_losses.append(loss.item())
+        window_loss = sum(self._window_losses) / len(self._window_losses)
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm, updated = float("nan"), False
         if update_now:
             if self.net is not self.denoiser:
-                dist.all_reduce(window_loss)
-                window_loss /= self.world_size
+                total = torch.tensor(window_loss, device=self.device)
+                dist.all_reduce(total)
+                window_loss = total.item() / self.world_size
             self._window_losses = []
             grad_norm, updated = self._optimizer_step()
-        return {"loss": window_loss.item(), "learning_rate": lr, "grad_norm": grad_norm,
+        return {"loss": window_loss, "learning_rate": lr, "grad_norm": grad_norm,
                 "step": self.global_step, "updated": updated,
                 "skipped_steps": self.skipped_steps}
 
@@ -384,7 +385,7 @@ class AdvancedDiffusionTrainer:
             window = {"gradients": {name: p.grad.clone()
                                     for name, p in self.denoiser.named_parameters()
                                     if p.grad is not None},
-                      "losses": [loss.item() for loss in self._window_losses],
+                      "losses": list(self._window_losses),
                       "nonfinite": self._window_nonfinite}
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -441,7 +442,7 @@ class AdvancedDiffusionTrainer:
             for name, p in self.denoiser.named_parameters():
                 if name in window["gradients"]:
                     p.grad = window["gradients"][name].to(p.device, p.dtype)
-            self._window_losses = [torch.tensor(loss) for loss in window["losses"]]
+            self._window_losses = [float(loss) for loss in window["losses"]]
             self._window_nonfinite = bool(window["nonfinite"])
         else:
             self._window_losses, self._window_nonfinite = [], False
