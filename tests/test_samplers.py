@@ -11,7 +11,8 @@ What is pinned here:
 2. ODE convergence: the deterministic samplers approach a 1000-step DPM-Solver++ solution
    of the same probability-flow ODE from the same x_T as steps grow, DPM-Solver++ beats DDIM
    at 20 steps, and on Gaussian data, where the ODE's solution is closed form, DDIM converges
-   at order 1 and DPM-Solver++ at order 2;
+   at order 1 and DPM-Solver++ (as plain 2M) at order 2, and its first-order guard lowers
+   the error on linspace / leading spacing and changes nothing on trailing;
 3. no residual noise: with point-mass data every sampler returns the point, for every
    spacing and prediction type (also with zero terminal SNR), and x0 clipping applies in all;
 4. plumbing: the scheduler's list is followed exactly, the prediction types agree, seeds
@@ -29,6 +30,7 @@ import torch
 from diffusion import AdvancedScheduler, DiffusionConfig, randn_like
 from diffusion.config import SAMPLERS as CONFIG_SAMPLERS
 from diffusion.oracle import GaussianMixture, exact_model_fn
+from sampling import samplers
 from sampling.samplers import SAMPLERS, check_sampler, sample
 
 MIXTURE = GaussianMixture((0.3, 0.7), (-0.6, 0.5), (0.1, 0.2))
@@ -150,24 +152,59 @@ def gaussian_ode_solution(sched, x_T):
     return mu + s * (x_T - math.sqrt(abar) * mu) / math.sqrt(abar * s**2 + 1 - abar)
 
 
+def gaussian_ode_error(spacing: str, sampler: str, n: int) -> float:
+    """Max |error| against the closed-form ODE map on Gaussian data, n steps, from a grid of x_T."""
+    x_T = torch.linspace(-3, 3, 61, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    sched = make("epsilon", spacing)
+    sched.set_timesteps(n)
+    return (run(sched, GAUSSIAN, sampler, 0.0, n, x_T) - gaussian_ode_solution(sched, x_T)
+            ).abs().max().item()
+
+
 @pytest.mark.parametrize("sampler, order", [("ddim", 1.0), ("dpmsolver++", 2.0)])
 @pytest.mark.parametrize("spacing", ["linspace", "leading"])
-def test_gaussian_ode_convergence_order(sampler, order, spacing):
+def test_gaussian_ode_convergence_order(sampler, order, spacing, monkeypatch):
     """Observed order log2(err(n) / err(2n)) at n = 80 on Gaussian data (closed-form ODE).
 
+    DPM-Solver++ is checked as the plain 2M method (Lu et al.), without its first-order guard
+    for steps after a much shorter one (MIN_STEP_RATIO = 0): the guard makes one long step
+    first order, which lowers the error at every n (next test) but not its asymptotic order.
     Trailing spacing is left out: there the first-order last step, from t = T/n - 1 straight
     to abar = 1, dominates DPM-Solver++'s error (measured ~1e-3 at 160 steps), which is the
     price of ending without residual noise.
     """
-    x_T = torch.linspace(-3, 3, 61, dtype=torch.float64).reshape(-1, 1, 1, 1)
-    errors = []
-    for n in (80, 160):
-        sched = make("epsilon", spacing)
-        sched.set_timesteps(n)
-        exact = gaussian_ode_solution(sched, x_T)
-        errors.append((run(sched, GAUSSIAN, sampler, 0.0, n, x_T) - exact).abs().max().item())
+    monkeypatch.setattr(samplers, "MIN_STEP_RATIO", 0.0)
+    errors = [gaussian_ode_error(spacing, sampler, n) for n in (80, 160)]
     observed = math.log2(errors[0] / errors[1])
     assert abs(observed - order) < 0.3, (errors, observed)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_dpmsolver_guard_lowers_the_error_where_a_step_follows_a_much_shorter_one(
+        spacing, monkeypatch):
+    """On linspace / leading spacing the step into t = 0 is ~5x longer in lambda than the one
+    before; plain 2M extrapolates x0_hat over it with weight 1/(2r) ~ 2.5. The guard makes
+    that step first order. Measured here (max error, Gaussian data) at 10 / 20 / 40 / 80 / 160
+    steps on linspace: 0.58 / 0.36 / 0.13 / 0.033 / 0.008 plain, 0.32 / 0.071 / 0.0022 /
+    0.0035 / 0.0019 guarded."""
+    steps = (10, 20, 40, 80, 160)
+    guarded = [gaussian_ode_error(spacing, "dpmsolver++", n) for n in steps]
+    monkeypatch.setattr(samplers, "MIN_STEP_RATIO", 0.0)
+    plain = [gaussian_ode_error(spacing, "dpmsolver++", n) for n in steps]
+    for n, g, p in zip(steps, guarded, plain):
+        assert g < 0.7 * p, (n, guarded, plain)
+    assert guarded[-1] < 0.05 * guarded[0], guarded  # and it still converges
+
+
+def test_dpmsolver_guard_leaves_trailing_spacing_unchanged(monkeypatch):
+    """Trailing steps never grow 2x from one to the next (before the last, already first-order
+    step to abar = 1), so the guard changes nothing there: bitwise the same samples."""
+    x_T = noise(256)
+    sched = make("epsilon", "trailing")
+    guarded = {n: run(sched, MIXTURE, "dpmsolver++", 0.0, n, x_T) for n in (5, 10, 20, 50)}
+    monkeypatch.setattr(samplers, "MIN_STEP_RATIO", 0.0)
+    for n, x in guarded.items():
+        assert torch.equal(run(sched, MIXTURE, "dpmsolver++", 0.0, n, x_T), x), n
 
 
 def test_euler_is_ddim_eta_0_and_euler_ancestral_is_ddim_eta_1():
