@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -384,6 +385,8 @@ def _check_field(spec: dataclasses.Field, value):
         raise TypeError(f"{name}={value!r} must be {_describe(spec.type)}") from None
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ValueError(f"{name}={value!r} is not one of {list(meta['choices'])}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = meta["low"], meta["high"]
         too_low = low is not None and (value < low or (value == low and not meta["low_inclusive"]))

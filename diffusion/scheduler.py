@@ -6,6 +6,7 @@ the next entry t' of `self.timesteps`, and after the last entry abar_{t'} = 1 (t
 Coefficients come from float64 tables and are cast once to the sample's dtype.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -169,6 +170,7 @@ class AdvancedScheduler:
         t = torch.as_tensor(timesteps)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"timesteps must be integers; got dtype {t.dtype}")
+        t = t.cpu().long()  # uint8 would index the schedule's table as a mask, and wraps 1000
         if x.ndim == 0:
             if t.ndim != 0:
                 raise ValueError(f"timesteps has shape {tuple(t.shape)}; expected a scalar for "
@@ -179,7 +181,7 @@ class AdvancedScheduler:
         if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]; got "
                              f"values in [{t.min().item()}, {t.max().item()}]")
-        return t.cpu()
+        return t
 
     def _sqrt_coefficients(self, t: torch.Tensor, like: torch.Tensor):
         """(sqrt(abar_t), sqrt(1 - abar_t)) for checked timesteps t, computed in float64 from
@@ -296,8 +298,9 @@ class AdvancedScheduler:
             prev, std = self._ddpm_mean_std(x0, x_t, abar_t, abar_prev)
         else:
             eta = self.config.eta if eta is None else eta
-            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
-                raise ValueError(f"eta={eta!r} must be a number >= 0")
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (
+                    0 <= eta < math.inf):
+                raise ValueError(f"eta={eta!r} must be a finite number >= 0")
             prev, std = self._ddim_mean_std(x0, eps, abar_t, abar_prev, eta)
         if std > 0 and t_prev >= 0:
             prev = prev + std * randn_like(x_t, generator)

@@ -99,10 +99,12 @@ class AdvancedLossFunctions:
         if timesteps.shape != (pred.shape[0],):
             raise ValueError(f"timesteps has shape {tuple(timesteps.shape)}; expected "
                              f"({pred.shape[0]},) for a batch of {pred.shape[0]}")
-        if timesteps.dtype.is_floating_point or timesteps.min() < 0 or \
-                timesteps.max() >= abar.shape[0]:
+        integers = not (timesteps.dtype.is_floating_point or timesteps.is_complex()
+                        or timesteps.dtype == torch.bool)
+        if not integers or timesteps.min() < 0 or timesteps.long().max() >= abar.shape[0]:
             raise ValueError(f"timesteps must be integers in [0, {abar.shape[0] - 1}]; got "
                              f"{timesteps.tolist()}")
+        timesteps = timesteps.long()  # uint8 would index abar as a mask
         per_sample = AdvancedLossFunctions.l2_loss(pred, target, reduction="per_sample")
         if gamma is not None:
             abar_t = abar.double()[timesteps]

@@ -95,6 +95,18 @@ def test_range_errors(name, value, allowed):
         DiffusionConfig(**{name: value})
 
 
+@pytest.mark.parametrize("name", ["guidance_scale", "eta", "learning_rate", "snr_gamma",
+                                  "max_grad_norm", "ema_decay", "guidance_rescale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_refused(name, value):
+    """NaN passes every `<` / `>` range check, and inf has no upper bound on most fields;
+    either gives NaN images or weights with no error."""
+    with pytest.raises(ValueError, match=rf"{name}={value!r} must be a finite number"):
+        DiffusionConfig(**{name: value})
+    with pytest.raises(ValueError, match=rf"{name}={value!r} must be a finite number"):
+        DiffusionConfig().with_overrides({name: value})
+
+
 @pytest.mark.parametrize("name, value", [
     ("beta_schedule", "cosin"), ("prediction_type", "eps"), ("timestep_spacing", "even"),
     ("sampler", "dpm"), ("variance_type", "learned"), ("loss_type", "mse"),

@@ -113,6 +113,16 @@ def test_snr_loss_default_schedule_is_the_guides_linear_schedule():
                                L.snr_loss(pred, target, pred, t, gamma=5.0, alphas_cumprod=abar))
 
 
+def test_snr_loss_weights_uint8_timesteps_by_value():
+    """uint8 timesteps used to index the abar table as a boolean mask."""
+    pred, target = rand(0, 4, 3, 8, 8), rand(1, 4, 3, 8, 8)
+    t = torch.tensor([0, 10, 200, 255])
+    per_sample = L.snr_loss(pred, target, pred, t, gamma=5.0, reduction="per_sample")
+    torch.testing.assert_close(
+        L.snr_loss(pred, target, pred, t.to(torch.uint8), gamma=5.0, reduction="per_sample"),
+        per_sample, rtol=0, atol=0)
+
+
 def test_snr_loss_without_gamma_is_plain_mse():
     pred, target = rand(0, 4, 3, 8, 8), rand(1, 4, 3, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
@@ -183,6 +193,12 @@ def test_v_target_keeps_the_noise_near_t0_in_low_precision():
     (lambda: L.snr_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
                         torch.tensor([0, 1000])), ValueError,
      r"timesteps must be integers in \[0, 999\]; got \[0, 1000\]"),
+    (lambda: L.snr_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
+                        torch.tensor([0.0, 5.0])), ValueError,
+     r"timesteps must be integers in \[0, 999\]; got \[0.0, 5.0\]"),
+    (lambda: L.snr_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
+                        torch.tensor([True, False])), ValueError,
+     r"timesteps must be integers in \[0, 999\]; got \[True, False\]"),
     (lambda: L.snr_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
                         torch.tensor([0, 1, 2])), ValueError,
      r"timesteps has shape \(3,\); expected \(2,\)"),

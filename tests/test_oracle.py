@@ -62,6 +62,10 @@ def chain_moments(sched, mu, s, eta):
 GAUSSIAN_CASES = [("ddim", eta, n, spacing, p) for eta in (0.0, 1.0) for n in (25, 50, 100)
                   for spacing in SPACINGS for p in PREDICTION_TYPES]
 GAUSSIAN_CASES += [("ddpm", 0.0, 1000, "trailing", p) for p in PREDICTION_TYPES]
+# fractional eta (eta 0 and 1 cannot tell eta from eta**2) and eta > 1, where sigma exceeds
+# sqrt(1 - abar_t') on some steps and the eps direction is clamped to zero
+GAUSSIAN_CASES += [("ddim", eta, 25, spacing, "epsilon") for eta in (0.5, 1.5)
+                   for spacing in SPACINGS]
 
 
 @pytest.mark.parametrize("sampler, eta, n, spacing, prediction_type", GAUSSIAN_CASES)

@@ -395,7 +395,11 @@ def test_img2img_timesteps():
     (lambda s: s.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 4, 4)), ValueError,
      r"model_output has shape \(1, 1, 2, 2\) but sample has shape \(1, 1, 4, 4\)"),
     (lambda s: s.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 2, 2), eta=-1.0),
-     ValueError, r"eta=-1.0 must be a number >= 0"),
+     ValueError, r"eta=-1.0 must be a finite number >= 0"),
+    (lambda s: s.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 2, 2), eta=float("nan")),
+     ValueError, r"eta=nan must be a finite number >= 0"),
+    (lambda s: s.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 2, 2), eta=float("inf")),
+     ValueError, r"eta=inf must be a finite number >= 0"),
     (lambda s: s.add_noise(torch.zeros(2, 1), torch.tensor([0, 1000])), ValueError,
      r"timesteps must lie in \[0, 999\]; got values in \[0, 1000\]"),
     (lambda s: s.add_noise(torch.zeros(2, 1), torch.tensor([0.5, 1.0])), TypeError,
@@ -446,3 +450,17 @@ def test_contradictory_config_is_caught_when_the_scheduler_is_built():
     config.v_prediction = True  # and forgot prediction_type
     with pytest.raises(ValueError, match="contradicts"):
         AdvancedScheduler(config)
+
+
+def test_small_integer_dtypes_index_the_schedule_by_value():
+    """uint8 timesteps used to index the abar table as a boolean mask: with a batch of T the
+    result was silently wrong, otherwise an IndexError from inside torch."""
+    sched = AdvancedScheduler(DiffusionConfig(num_train_timesteps=200))
+    x = torch.ones(200, 1)
+    expected = sched.alpha_bar(torch.full((200,), 100), x)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        t = torch.full((200,), 100, dtype=dtype)
+        torch.testing.assert_close(sched.alpha_bar(t, x), expected, rtol=0, atol=0)
+        noise = torch.ones_like(x)
+        torch.testing.assert_close(sched.add_noise(x, t, noise=noise),
+                                   sched.add_noise(x, torch.full((200,), 100), noise=noise))
