@@ -55,6 +55,12 @@ def load_config(args) -> DiffusionConfig:
     return DiffusionConfig.from_yaml(args.config).with_overrides(overrides)
 
 
+def fail(reason):
+    """Exit non-zero with `reason` (a message or an exception) on one line, no traceback: a YAML
+    error's message spans several lines."""
+    sys.exit("train.py: " + " ".join(str(reason).split()))
+
+
 def setup_distributed():
     """(rank, world_size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
     if "RANK" not in os.environ:
@@ -86,7 +92,7 @@ def resume_state(args, run_dir: Path):
     if args.resume == "auto":
         found = find_resumable(run_dir)
         if found is None:
-            print(f"no loadable checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+            print(f"no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
             return None
         print(f"resuming from {found[0]}", file=sys.stderr)
         return found[1]
@@ -140,17 +146,22 @@ def main(argv=None):
     try:
         config = load_config(args)
     except (ValueError, TypeError, OSError) as err:  # bad config or --set: say it, no traceback
-        sys.exit(f"train.py: {err}")
+        fail(err)
+    run_dir = Path(config.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"output_dir={str(run_dir)!r} is a file; it must be a folder (created if missing)")
     keep_freed_memory()  # reuse freed gradients and activations instead of re-faulting them
     rank, world, device = setup_distributed()
     is_main = rank == 0
-    run_dir = Path(config.output_dir)
+    try:  # a missing data_dir, a folder without images, fewer images than one batch
+        dataset = build_dataset(config)
+        batches = GlobalBatchSampler(len(dataset), config.batch_size, world_size=world,
+                                     rank=rank, seed=config.seed)
+    except (ValueError, OSError) as err:
+        fail(err)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     model = AdvancedUNet(config)
     trainer = AdvancedDiffusionTrainer(model, config, device=device, distributed=world > 1)
-    dataset = build_dataset(config)
-    batches = GlobalBatchSampler(len(dataset), config.batch_size, world_size=world, rank=rank,
-                                 seed=config.seed)
     # A private generator keeps the DataLoader from drawing on the global RNG (dropout's).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=config.num_workers,
@@ -161,7 +172,7 @@ def main(argv=None):
         if args.resume != "auto":  # auto took the newest loadable one: newer files are broken
             check_no_newer_run(run_dir, trainer.global_step)
     except ValueError as err:
-        sys.exit(f"train.py: {err}")
+        fail(err)
     epoch, batch_in_epoch = position.get("epoch", 0), position.get("batch", 0)
     prompts = list(config.sample_prompts) or all_captions()[::SAMPLE_CAPTION_STRIDE]
     writer, metrics_file = None, None

@@ -557,9 +557,9 @@ def build_dataset(config) -> ShapesDataset | ImageFolderDataset:
                              f"{config.in_channels} must be {SHAPES_CHANNELS}")
         return ShapesDataset(sample_size=config.sample_size, seed=config.seed)
     if config.dataset == "folder":
-        if not config.data_dir:
+        if not config.data_dir or not Path(config.data_dir).is_dir():
             raise ValueError(f"dataset='folder' needs data_dir (the image folder); "
-                             f"got data_dir={config.data_dir!r}")
+                             f"got data_dir={config.data_dir!r}, which is not a folder")
         return ImageFolderDataset(config.data_dir, config.sample_size,
                                   random_flip=config.random_flip, seed=config.seed,
                                   in_channels=config.in_channels)

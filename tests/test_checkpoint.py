@@ -1,5 +1,6 @@
 """Checkpoint files: safe loading, atomic writes, rotation, skipping corrupt files."""
 
+import io
 import os
 import pickle
 
@@ -11,6 +12,7 @@ from diffusion.checkpoint import (
     CheckpointError,
     atomic_save,
     check_no_newer_run,
+    config_from_checkpoint,
     find_resumable,
     load_checkpoint_file,
     save_run_checkpoint,
@@ -88,3 +90,93 @@ def test_find_resumable_skips_a_truncated_newest_file(tmp_path):
         path, state = find_resumable(tmp_path)
     assert state["step"] == 2 and path.name == "step_00000002.pt"
     assert find_resumable(tmp_path / "nothing_here") is None
+
+
+def future_format(path):
+    """Rewrite a checkpoint in place (hard links see it too) as a newer format version."""
+    state = torch.load(path, weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({**state, "format_version": FORMAT_VERSION + 1}, buffer)
+    path.write_bytes(buffer.getvalue())
+
+
+def test_a_folder_whose_checkpoints_all_fail_to_load_is_refused(tmp_path):
+    """Starting from scratch there would overwrite them: the caller must hear about it."""
+    for step in (1, 2):
+        save_run_checkpoint({**STATE, "step": step}, tmp_path, step, keep_last=5)
+    for _, path in step_checkpoints(tmp_path):
+        future_format(path)  # last.pt is a second name of step 2: broken with it
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        with pytest.raises(CheckpointError, match=r"none of the 2 checkpoint file\(s\) in .* "
+                                                  r"loads .*starting from scratch would overwrite"):
+            find_resumable(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert find_resumable(empty) is None
+
+
+def test_find_resumable_takes_last_pt_when_it_is_separate(tmp_path):
+    """A copied run may hold only last.pt, or a last.pt newer than its step files."""
+    copied = tmp_path / "copied"
+    save_run_checkpoint({**STATE, "step": 3}, tmp_path, 3, keep_last=5)
+    copied.mkdir()
+    (copied / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes())
+    path, state = find_resumable(copied)
+    assert path == copied / "last.pt" and state["step"] == 3
+    save_run_checkpoint({**STATE, "step": 1}, copied, 1, keep_last=5)  # links last.pt to step 1
+    (copied / "last.pt").unlink()
+    (copied / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes())
+    path, state = find_resumable(copied)
+    assert path == copied / "last.pt" and state["step"] == 3
+    future_format(copied / "last.pt")
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint.*last.pt"):
+        path, state = find_resumable(copied)
+    assert path.name == "step_00000001.pt" and state["step"] == 1
+
+
+def test_a_fresh_run_counts_a_lone_or_broken_last_pt(tmp_path):
+    save_run_checkpoint({**STATE, "step": 4}, tmp_path, 4, keep_last=5)
+    (tmp_path / "checkpoints" / "step_00000004.pt").unlink()  # last.pt alone
+    with pytest.raises(ValueError, match="already holds checkpoints up to step 4, past this "
+                                         "run's step 0"):
+        check_no_newer_run(tmp_path, 0)
+    check_no_newer_run(tmp_path, 4)  # resuming from last.pt itself
+    future_format(tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="holds a last.pt that does not load"):
+        check_no_newer_run(tmp_path, 4)
+
+
+def test_flipped_bytes_inside_a_tensor_are_caught(tmp_path):
+    """torch.load does not check the zip records' CRC-32s; load_checkpoint_file does."""
+    path = atomic_save({"format_version": FORMAT_VERSION, **STATE,
+                        "weights": torch.zeros(100_000)}, tmp_path / "c.pt")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the 400 kB tensor record
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"truncated, corrupt .*'archive/data/0' fails its "
+                                              r"CRC-32 check"):
+        load_checkpoint_file(path)
+
+
+def test_a_stored_config_this_code_refuses_blames_the_checkpoint(tmp_path):
+    path = atomic_save({"format_version": FORMAT_VERSION, "config": {"old_field": 1}},
+                       tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=f"checkpoint '{path}' holds a config this code "
+                                              "cannot use: unknown config field"):
+        load_checkpoint_file(path)
+    with pytest.raises(CheckpointError, match="the checkpoint holds a config this code cannot "
+                                              r"use: .*'old_field'"):
+        config_from_checkpoint({"config": {"old_field": 1}})
+
+
+def test_saving_removes_temp_files_a_killed_save_left(tmp_path):
+    """A SIGKILL between mkstemp and rename orphans a whole checkpoint's worth of disk."""
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / "checkpoints" / ".step_00000001.pt.k2j3h4.tmp",
+             tmp_path / ".last.pt.x9y8z7.tmp"]
+    kept = [tmp_path / "checkpoints" / "notes.tmp", tmp_path / ".step_1.pt.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    save_run_checkpoint({**STATE, "step": 2}, tmp_path, 2, keep_last=5)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)

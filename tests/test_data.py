@@ -465,10 +465,14 @@ def test_build_dataset_from_config(tmp_path):
     assert folder.random_flip and folder.seed == 4 and folder[0]["image"].shape == (3, 8, 8)
 
 
-def test_build_dataset_errors():
+def test_build_dataset_errors(tmp_path):
     base = dict(sample_size=16, seed=0, random_flip=False, in_channels=3)
     with pytest.raises(ValueError, match="dataset='folder' needs data_dir .*got data_dir=None"):
         build_dataset(SimpleNamespace(dataset="folder", data_dir=None, **base))
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=re.escape(f"got data_dir={missing!r}, which is not a "
+                                                   "folder")):
+        build_dataset(SimpleNamespace(dataset="folder", data_dir=missing, **base))
     with pytest.raises(ValueError, match=r"dataset='faces' is not one of \['shapes', 'folder'\]"):
         build_dataset(SimpleNamespace(dataset="faces", data_dir=None, **base))
     with pytest.raises(ValueError, match="in_channels=1 must be 3"):

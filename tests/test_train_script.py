@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_config
+from PIL import Image
+
+from diffusion.checkpoint import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -207,15 +210,79 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path):
            "model_channels: checkpoint 16 vs config 32" in result.stderr
 
 
+def test_folders_with_unloadable_or_lone_last_checkpoints_are_never_overwritten(tmp_path):
+    """A copied run holding only last.pt resumes from it and refuses a fresh run; a run whose
+    files all fail to load (here: a newer format version) refuses --resume auto and a fresh
+    run alike, and nothing in the folder changes."""
+    config = write_config(tmp_path, max_steps=4, save_every=2)
+    train("--config", config)
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(run / "last.pt", copy / "last.pt")
+    fresh = train("--config", config, "--set", f"output_dir={copy}", "--max-steps", 6,
+                  check=False)
+    assert fresh.returncode != 0 and "Traceback" not in fresh.stderr
+    assert "already holds checkpoints up to step 4, past this run's step 0" in fresh.stderr
+    resumed = train("--config", config, "--set", f"output_dir={copy}", "--resume", "auto",
+                    "--max-steps", 6)
+    assert f"resuming from {copy / 'last.pt'}" in resumed.stderr
+    assert load(copy / "last.pt")["step"] == 6
+    for path in checkpoints(run):  # in place, so last.pt (a hard link) changes with them
+        state = load(path)
+        state["format_version"] = FORMAT_VERSION + 1
+        torch.save(state, path)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    auto = train("--config", config, "--resume", "auto", "--max-steps", 6, check=False)
+    assert auto.returncode != 0 and "Traceback" not in auto.stderr
+    assert "train.py: none of the 2 checkpoint file(s) in" in auto.stderr
+    fresh = train("--config", config, "--max-steps", 6, check=False)
+    assert fresh.returncode != 0 and "already holds checkpoints up to step 4" in fresh.stderr
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def write_bad_inputs(tmp_path):
+    """The files the bad-argument cases name: a plain file, nine images, broken checkpoints
+    and a config that is not YAML."""
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "nine").mkdir()
+    for i in range(9):
+        Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / "nine" / f"{i}.png")
+    torch.save({"format_version": FORMAT_VERSION, "config": {"old_field": 1}},
+               tmp_path / "old.pt")
+    torch.save({"format_version": FORMAT_VERSION, "config": {}, "w": torch.zeros(100_000)},
+               tmp_path / "flipped.pt")
+    data = bytearray((tmp_path / "flipped.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor's record: torch.load alone would not see it
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    (tmp_path / "broken.yaml").write_text("max_steps: [1,\n  seed")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "learning_rat=1e-3"], "did you mean 'learning_rate'"),
     (["--set", "dropout=2.0"], "dropout=2.0 is out of range"),
     (["--resume", "no/such/file.pt"], "does not exist"),
+    (["--set", "output_dir={tmp}/a_file"], "output_dir='{tmp}/a_file' is a file"),
+    (["--set", "in_channels=1", "out_channels=1"], "dataset='shapes' draws RGB images; "
+                                                   "in_channels=1 must be 3"),
+    (["--set", "dataset=folder", "data_dir=/nonexistent"],
+     "got data_dir='/nonexistent', which is not a folder"),
+    (["--set", "dataset=folder", "data_dir={tmp}/nine", "batch_size=16"],
+     "the dataset has 9 items, fewer than one global batch of 16"),
+    (["--config", "{tmp}/broken.yaml"], "{tmp}/broken.yaml"),
+    (["--resume", "{tmp}/old.pt"], "checkpoint '{tmp}/old.pt' holds a config this code cannot "
+                                   "use: unknown config field(s): 'old_field'"),
+    (["--resume", "{tmp}/flipped.pt"], "fails its CRC-32 check"),
 ])
 def test_bad_arguments_fail_clearly(tmp_path, args, message):
+    """One `train.py: ...` line naming the problem, a non-zero exit and no traceback."""
     config = write_config(tmp_path, max_steps=2)
+    write_bad_inputs(tmp_path)
+    args = [arg.format(tmp=tmp_path) for arg in args]
     result = train("--config", config, *args, check=False)
-    assert result.returncode != 0 and message in result.stderr
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train.py: ") and message.format(tmp=tmp_path) in last_line
+    assert not (tmp_path / "run").exists()  # refused before writing anything
 
 
 def test_torchrun_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
