@@ -18,11 +18,13 @@ Validation happens in two places:
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -38,17 +40,42 @@ LOSS_TYPES = ("l2", "l1", "huber")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION_MODES = (True, False, "no", "fp16", "bf16")
 DATASETS = ("shapes", "folder")
+# Largest seed: the signed 64-bit range, which torch's and numpy's seeding accept (torch reads a
+# seed mod 2**64, so seed + epoch in trainer.GlobalBatchSampler wraps there and cannot overflow).
+MAX_SEED = 2**63 - 1
+
+# YAML 1.1 reads `1e-4` as a string; researchers write learning rates that way, so our loader
+# reads it as a float and our dumper quotes a string that looks like one (else a config.yaml
+# with output_dir='2e-4' would not load back).
+_FLOAT_TAG, _MERGE_TAG = "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge"
+_SCIENTIFIC_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; researchers write learning rates that way."""
+    """SafeLoader that reads `1e-4` as a float and refuses duplicate keys (YAML keeps the last
+    one silently, so `max_steps: 5` ... `max_steps: 7` would run 7 steps without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # SafeLoader says "found unhashable key"
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
+class _YamlDumper(yaml.SafeDumper):
+    """SafeDumper that quotes the strings _YamlLoader would read as floats."""
+
+
+_YamlLoader.add_implicit_resolver(_FLOAT_TAG, _SCIENTIFIC_FLOAT, list("-+0123456789."))
+_YamlDumper.add_implicit_resolver(_FLOAT_TAG, _SCIENTIFIC_FLOAT, list("-+0123456789."))
 
 
 def _load_yaml(text: str):
@@ -65,6 +92,25 @@ def _field(default, help, *, choices=None, low=None, high=None, low_inclusive=Tr
     return field(default=default, metadata=meta)
 
 
+def _suggest_unknown_fields(cls):
+    """Wrap the dataclass __init__ so an unknown keyword names the closest field, as from_dict,
+    --set and attribute assignment do (Python alone says 'unexpected keyword argument').
+    functools.wraps keeps the generated signature for inspect and IDEs."""
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in _FIELDS]
+        if unknown:
+            raise TypeError(f"{cls.__name__} got unknown field(s): " + "; ".join(
+                f"{k!r}{_did_you_mean(k)}" for k in unknown))
+        dataclass_init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_suggest_unknown_fields
 @dataclass
 class DiffusionConfig:
     # ---- model architecture (guide) ----
@@ -176,7 +222,7 @@ class DiffusionConfig:
     ema_on_cpu: bool = _field(False, "Keep the EMA weights on the CPU (saves accelerator memory).")
     max_nonfinite_steps: int = _field(
         10, "Consecutive steps with a NaN/Inf loss or gradient before training stops.", low=1)
-    seed: int = _field(0, "Seed for weights, data order and noise.", low=0)
+    seed: int = _field(0, "Seed for weights, data order and noise.", low=0, high=MAX_SEED)
     # ---- data (ours) ----
     dataset: str = _field("shapes", "Training data.", choices=DATASETS)
     data_dir: str | None = _field(None, "Image folder when dataset is 'folder'.")
@@ -257,14 +303,20 @@ class DiffusionConfig:
         return cls(**data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text = yaml.dump(self.to_dict(), Dumper=_YamlDumper, sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DiffusionConfig":
-        data = _load_yaml(Path(path).read_text())
+        """Build from a YAML file; a syntax error or a duplicate key is a ValueError naming
+        the file and the line."""
+        try:
+            data = _load_yaml(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"cannot read config file {str(path)!r}: {_yaml_problem(err)}") \
+                from None
         return cls.from_dict(data or {})
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -328,6 +380,15 @@ def parse_overrides(pairs: list[str]) -> dict:
         except yaml.YAMLError as err:
             raise ValueError(f"cannot parse the value of override {pair!r}: {err}") from None
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line with its positions, without PyYAML's '<unicode string>'."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return str(err)
+    parts = [(err.context, err.context_mark), (err.problem, err.problem_mark)]
+    return ": ".join(f"{text} (line {mark.line + 1}, column {mark.column + 1})"
+                     for text, mark in parts if text and mark)
 
 
 # ---- field checking ----

@@ -14,6 +14,7 @@ exactly like one process with the same global batch.
 """
 
 import math
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from nets import TextEncoder, trim_padding
 
 from .checkpoint import (
     FORMAT_VERSION,
+    CheckpointError,
     atomic_save,
     check_same_model,
     config_from_checkpoint,
@@ -48,6 +50,15 @@ IMAGE_RANGE_TOLERANCE = 1e-3
 # (clipping, AdamW, EMA) took 21.8 ms with it and 10.9 ms fused, of a 295 / 285 ms training
 # step. Elsewhere PyTorch's default stays (foreach on CUDA; not measured here, no GPU).
 FUSED_ADAMW_DEVICES = ("cpu",)
+# torch.Generator seeds are 64-bit: seed + epoch wraps here, the way torch itself reads a seed,
+# so no seed overflows and every seed + epoch below 2**64 gives the permutation it always gave.
+SEED_MODULUS = 2**64
+# What load_state_dict reads from a checkpoint, "outer.inner" for nested keys (state_dict
+# writes them all); a file without one is not a complete trainer checkpoint.
+REQUIRED_CHECKPOINT_KEYS = (
+    "step", "config", "model", "text_encoder", "ema", "optimizer", "lr_scheduler",
+    "grad_scaler", "rng.generator", "rng.torch", "counters.skipped_steps", "counters.micro_step",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,6 +95,8 @@ def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps:
 
     Warm-up rises linearly from 0 to the optimizer's lr over num_warmup_steps; linear and
     cosine then decay to 0 at num_training_steps. Call `.step()` after each optimizer step.
+    A warm-up as long as the run is a warning, not an error: the LR never reaches its peak and
+    never decays, which is a mistake in a real run but fine in a few-step smoke test.
     """
     if name not in LR_SCHEDULERS:
         raise ValueError(f"lr scheduler name={name!r} is not one of {list(LR_SCHEDULERS)}")
@@ -91,6 +104,13 @@ def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps:
                             ("num_training_steps", num_training_steps, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{arg}={value!r} must be an int >= {low}")
+    if name != "constant" and num_warmup_steps >= num_training_steps:
+        peak = (num_training_steps - 1) / num_warmup_steps
+        warnings.warn(
+            f"num_warmup_steps={num_warmup_steps} >= num_training_steps={num_training_steps} "
+            f"(the config's lr_warmup_steps and max_steps): the {name!r} schedule's warm-up "
+            f"never ends, so the learning rate reaches at most {peak:.0%} of its peak and never "
+            "decays; lower the warm-up or train longer", stacklevel=2)
     factor = partial(_lr_factor, name=name, warmup=num_warmup_steps, total=num_training_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -169,16 +189,19 @@ class AdvancedDiffusionTrainer:
         self.amp_dtype = autocast_dtype(config.mixed_precision, self.device)
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.ema = None
-        if config.use_ema:
-            self.ema = EMAModel(self.denoiser, config.ema_decay, warmup=config.ema_warmup,
-                                device=torch.device("cpu") if config.ema_on_cpu else None)
+        self.ema = self._new_ema() if config.use_ema else None
         self.global_step = 0          # optimizer updates made
         self.skipped_steps = 0        # updates skipped for a NaN/Inf loss or gradient
         self._consecutive_skips = 0
         self._micro_step = 0
         self._window_nonfinite = False
         self._window_losses = []      # this accumulation window's micro-batch losses (floats)
+
+    def _new_ema(self) -> EMAModel:
+        """An EMA of the denoiser's current weights, with the config's decay settings."""
+        cfg = self.config
+        return EMAModel(self.denoiser, cfg.ema_decay, warmup=cfg.ema_warmup,
+                        device=torch.device("cpu") if cfg.ema_on_cpu else None)
 
     # ---- one step ----
 
@@ -400,7 +423,8 @@ class AdvancedDiffusionTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng,
-            "counters": {"skipped_steps": self.skipped_steps, "micro_step": self._micro_step},
+            "counters": {"skipped_steps": self.skipped_steps, "micro_step": self._micro_step,
+                         "consecutive_skips": self._consecutive_skips},
             "accumulation_window": window,
             "extra": extra or {},
         }
@@ -408,14 +432,23 @@ class AdvancedDiffusionTrainer:
     def load_state_dict(self, state: dict) -> dict:
         """Restore from `state_dict()` output; returns its `extra` (e.g. the data position).
 
-        The optimizer's learning rate and weight decay come from this trainer's config, not the
-        checkpoint's (they are the ones config.yaml records), so a run can resume with a new
-        learning_rate; with an unchanged config the resume is bit-exact."""
+        The optimizer's learning rate and weight decay and the EMA's decay and warm-up come from
+        this trainer's config, not the checkpoint's (they are the ones config.yaml records), so
+        a run can resume with a new learning_rate or ema_decay; with an unchanged config the
+        resume is bit-exact. A checkpoint saved without an EMA (use_ema=False) resumed with
+        use_ema=True starts the EMA from the loaded weights, with a warning."""
+        _check_complete(state)
         check_same_model(config_from_checkpoint(state), self.config)
         self.model.load_state_dict(state["model"])
         self.text_encoder.load_state_dict(state["text_encoder"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+        if self.ema is not None and state["ema"] is None:
+            warnings.warn(f"the checkpoint (step {int(state['step'])}) has no EMA weights (it was "
+                          "saved with use_ema=False): the EMA starts from the loaded weights",
+                          stacklevel=2)
+            self.ema = self._new_ema()
+        elif self.ema is not None:
+            self.ema.load_state_dict(state["ema"])  # shadow weights and update count
+            self.ema.decay, self.ema.warmup = self.config.ema_decay, self.config.ema_warmup
         self.optimizer.load_state_dict(state["optimizer"])
         fresh_groups = parameter_groups(self.denoiser, self.config.weight_decay)
         for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
@@ -436,6 +469,8 @@ class AdvancedDiffusionTrainer:
         self.global_step = int(state["step"])
         self.skipped_steps = int(state["counters"]["skipped_steps"])
         self._micro_step = int(state["counters"]["micro_step"])
+        # absent from checkpoints written before it was saved: those count from 0 again
+        self._consecutive_skips = int(state["counters"].get("consecutive_skips", 0))
         window = state.get("accumulation_window")
         self.optimizer.zero_grad(set_to_none=True)
         if window is not None:
@@ -457,12 +492,29 @@ class AdvancedDiffusionTrainer:
         return self.load_state_dict(load_checkpoint_file(path))
 
 
+def _check_complete(state: dict) -> None:
+    """Raise CheckpointError naming the REQUIRED_CHECKPOINT_KEYS `state` lacks, before anything
+    is loaded (a KeyError half-way would leave the trainer half-restored)."""
+    missing = []
+    for path in REQUIRED_CHECKPOINT_KEYS:
+        node = state
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                missing.append(path)
+                break
+            node = node[key]
+    if missing:
+        raise CheckpointError(f"the checkpoint is missing {missing}: it is not a complete "
+                              f"trainer checkpoint (it holds {sorted(map(str, state))})")
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Deterministic, resumable batches for one rank.
 
-    Epoch e shuffles the dataset with seed + e; global batch b is perm[b*G:(b+1)*G] with
-    G = batch_size * world_size, and rank r takes its interleaved slice [r::world_size] (the
-    trainer slices its noise the same way). The last incomplete global batch is dropped.
+    Epoch e shuffles the dataset with seed + e (mod SEED_MODULUS); global batch b is
+    perm[b*G:(b+1)*G] with G = batch_size * world_size, and rank r takes its interleaved slice
+    [r::world_size] (the trainer slices its noise the same way). The last incomplete global
+    batch is dropped.
     `set_position(epoch, batch)` resumes mid-epoch without replaying earlier batches.
     """
 
@@ -486,8 +538,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         if self.shuffle:
-            order = torch.randperm(self.dataset_len,
-                                   generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            seed = (self.seed + self.epoch) % SEED_MODULUS
+            order = torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(self.dataset_len)
         G = self.global_batch

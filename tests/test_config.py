@@ -1,9 +1,16 @@
 """DiffusionConfig: the guide's defaults, (de)serialisation, validation and --set overrides."""
 
 import dataclasses
+import inspect
+import pickle
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 from helpers import GUIDE_DEFAULTS
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from diffusion import DiffusionConfig, config_reference, parse_overrides
 
@@ -46,6 +53,49 @@ def test_yaml_reads_scientific_notation_as_float(tmp_path):
     assert config.beta_start == pytest.approx(1e-5)
 
 
+def test_largest_seed_is_accepted():
+    assert DiffusionConfig(seed=2**63 - 1).seed == 2**63 - 1
+
+
+def test_malformed_yaml_names_the_file_and_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 5\nlearning_rate: [1e-3\n")
+    file = re.escape(str(path))
+    with pytest.raises(ValueError, match=rf"cannot read config file '{file}': while parsing a "
+                                         r"flow sequence \(line 2, column 16\)"):
+        DiffusionConfig.from_yaml(path)
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    """YAML itself keeps the last value silently: 7 steps would run where 5 was meant too."""
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 5\nlearning_rate: 1e-3\nmax_steps: 7\n")
+    file = re.escape(str(path))
+    with pytest.raises(ValueError, match=rf"cannot read config file '{file}': duplicate key "
+                                         r"'max_steps' \(line 3, column 1\)"):
+        DiffusionConfig.from_yaml(path)
+
+
+# Strings YAML could read as something else: our scientific-notation floats, YAML 1.1's
+# booleans, nulls, ints and special floats.
+YAML_LOOKALIKES = st.one_of(
+    st.from_regex(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", fullmatch=True),
+    st.sampled_from(["true", "no", "null", "~", "12", "0x1f", "1_000", ".inf", "3.5", ""]),
+)
+
+
+@given(output_dir=st.one_of(st.text(), YAML_LOOKALIKES),
+       prompts=st.lists(st.one_of(st.text(), YAML_LOOKALIKES), max_size=3))
+@example(output_dir="2e-4", prompts=["1e5"])
+def test_yaml_round_trips_any_string(output_dir, prompts):
+    """config.yaml must load back to the config that wrote it, whatever its strings look like."""
+    config = DiffusionConfig(output_dir=output_dir, sample_prompts=tuple(prompts))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        config.to_yaml(path)
+        assert DiffusionConfig.from_yaml(path) == config
+
+
 def test_empty_yaml_gives_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("")
@@ -55,6 +105,20 @@ def test_empty_yaml_gives_defaults(tmp_path):
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ValueError, match=r"'snr_gama'.*did you mean 'snr_gamma'"):
         DiffusionConfig.from_dict({"snr_gama": 3.0})
+
+
+def test_unknown_constructor_keyword_suggests_the_right_one():
+    """The constructor says what from_dict says, and stays a plain dataclass otherwise."""
+    with pytest.raises(TypeError, match=r"unknown field\(s\): 'snr_gama' \(did you mean "
+                                        r"'snr_gamma'\?\)"):
+        DiffusionConfig(snr_gama=1)
+    config = DiffusionConfig(snr_gamma=3.0)
+    assert dataclasses.replace(config, seed=7).seed == 7
+    with pytest.raises(TypeError, match=r"'sed' \(did you mean 'seed'\?\)"):
+        dataclasses.replace(config, sed=7)
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert list(inspect.signature(DiffusionConfig).parameters) == [
+        f.name for f in dataclasses.fields(DiffusionConfig)]
 
 
 def test_unknown_attribute_assignment_is_an_error():
@@ -89,6 +153,8 @@ def test_type_errors_name_field_value_and_type(name, value, message):
     ("ema_decay", 1.5, r"0.0 <= ema_decay <= 1.0"),
     ("snr_gamma", 0.0, r"0.0 < snr_gamma"),
     ("batch_size", 0, r"1 <= batch_size"),
+    ("seed", 2**63, r"0 <= seed <= 9223372036854775807"),  # torch's seeds are 64-bit
+    ("seed", 99999999999999999999, r"0 <= seed <= 9223372036854775807"),
 ])
 def test_range_errors(name, value, allowed):
     with pytest.raises(ValueError, match=rf"{name}={value!r} is out of range; allowed: {allowed}"):

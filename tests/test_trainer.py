@@ -1,6 +1,8 @@
 """AdvancedDiffusionTrainer: learning, exact resume, non-finite handling, CFG dropout, EMA."""
 
 import math
+import types
+import warnings
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from diffusion import (
     get_scheduler,
 )
 from diffusion.checkpoint import CheckpointError
+from diffusion.config import MAX_SEED
 from diffusion.trainer import parameter_groups
 from nets import AdvancedUNet
 
@@ -136,6 +139,57 @@ def test_resume_takes_learning_rate_and_weight_decay_from_the_config(tmp_path):
     assert resumed.train_step(fixed_batch())["learning_rate"] == pytest.approx(1e-5 * factor)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(
         1e-5 * 0.5 * (1 + math.cos(math.pi * 5 / 10)), rel=1e-12)
+
+
+def test_resume_turning_ema_on_starts_it_from_the_loaded_weights(tmp_path):
+    """A checkpoint saved with use_ema=False has no average: the EMA must start from the weights
+    it holds, not from the fresh trainer's random initialisation (sample grids use the EMA)."""
+    trainer = make_trainer(use_ema=False)
+    for i in range(2):
+        trainer.train_step(fixed_batch(seed=i))
+    path = trainer.save_checkpoint(tmp_path / "no_ema.pt")
+    resumed = make_trainer(seed=5, use_ema=True, ema_decay=0.9)
+    with pytest.warns(UserWarning, match=r"checkpoint \(step 2\) has no EMA weights.*starts "
+                                         r"from the loaded weights"):
+        resumed.load_checkpoint(path)
+    loaded = dict(trainer.denoiser.named_parameters())
+    assert_bitwise_equal(resumed.ema.shadow, {n: p.detach() for n, p in loaded.items()})
+    assert resumed.ema.num_updates == 0 and resumed.ema.decay == 0.9
+    resumed.train_step(fixed_batch(seed=2))
+    assert resumed.ema.num_updates == 1
+
+
+def test_resume_takes_ema_decay_and_warmup_from_the_config(tmp_path):
+    """Like the learning rate: config.yaml records the new values, so the EMA must use them;
+    the update count (and so the warm-up's progress) comes from the checkpoint."""
+    trainer = make_trainer(use_ema=True, ema_decay=0.9, ema_warmup=True)
+    for i in range(3):
+        trainer.train_step(fixed_batch(seed=i))
+    path = trainer.save_checkpoint(tmp_path / "c.pt")
+    resumed = make_trainer(use_ema=True, ema_decay=0.5, ema_warmup=False)
+    resumed.load_checkpoint(path)
+    assert (resumed.ema.decay, resumed.ema.warmup, resumed.ema.num_updates) == (0.5, False, 3)
+    assert resumed.ema.current_decay() == 0.5
+    assert resumed.state_dict()["ema"]["decay"] == 0.5
+
+
+def test_resume_after_a_non_finite_step_counts_on(tmp_path):
+    """max_nonfinite_steps counts consecutive skips across a resume, as the uninterrupted run
+    does: NaN, resume, NaN stops at 2 like NaN, NaN. Older checkpoints (no count) start at 0."""
+    kw = dict(max_nonfinite_steps=2, use_ema=False)
+    first = make_trainer(**kw)
+    with torch.no_grad():
+        first.model.unet.conv_out.bias.fill_(float("nan"))
+    assert first.train_step(fixed_batch())["updated"] is False
+    state = first.state_dict()
+    resumed = make_trainer(**kw)
+    resumed.load_state_dict(state)
+    with pytest.raises(NonFiniteLossError, match="NaN/Inf for 2 consecutive steps"):
+        resumed.train_step(fixed_batch(seed=1))
+    del state["counters"]["consecutive_skips"]
+    older = make_trainer(**kw)
+    older.load_state_dict(state)
+    assert older.train_step(fixed_batch(seed=1))["skipped_steps"] == 2
 
 
 def test_non_finite_step_with_a_grad_scaler_keeps_training():
@@ -334,6 +388,23 @@ def test_lr_schedule_errors():
         get_scheduler("step", optimizer, 0, 10)
     with pytest.raises(ValueError, match=r"num_warmup_steps=-1 must be an int >= 0"):
         get_scheduler("linear", optimizer, -1, 10)
+    with pytest.raises(ValueError, match=r"num_training_steps=0 must be an int >= 1"):
+        get_scheduler("cosine", optimizer, 0, 0)
+
+
+def test_warmup_as_long_as_the_run_warns_once_per_trainer():
+    """The LR would peak at half and the cosine never decay: a warning naming both numbers
+    (not an error, so a few-step smoke run with the default warm-up still runs)."""
+    message = r"num_warmup_steps=100 >= num_training_steps=50 \(the config's lr_warmup_steps"
+    with pytest.warns(UserWarning, match=message) as record:
+        trainer = make_trainer(lr_warmup_steps=100, max_steps=50, use_ema=False)
+    assert sum("num_warmup_steps" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.train_step(fixed_batch())
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        get_scheduler("constant", optimizer, 100, 50)  # ignores the warm-up
+        get_scheduler("cosine", optimizer, 49, 50)
 
 
 # ---- EMA ----
@@ -421,12 +492,58 @@ def test_global_batch_sampler_is_resumable_and_splits_ranks():
         GlobalBatchSampler(5, 4, world_size=2)
 
 
+@given(st.integers(0, MAX_SEED), st.integers(0, 10**6))
+def test_epoch_seed_is_unchanged_below_two_to_the_64(seed, epoch):
+    """The permutation stays the one seed + epoch always gave, for every config seed."""
+    sampler = GlobalBatchSampler(8, 8, seed=seed)
+    sampler.set_position(epoch, 0)
+    expected = torch.randperm(8, generator=torch.Generator().manual_seed(seed + epoch))
+    assert next(iter(sampler)) == expected.tolist()
+
+
+def test_epoch_seed_wraps_instead_of_overflowing():
+    """seed + epoch past torch's 64 bits wraps as torch reads seeds, instead of failing at an
+    epoch boundary mid-run."""
+    wrapped = GlobalBatchSampler(8, 8, seed=2**64 - 1)
+    wrapped.set_position(1, 0)
+    assert list(wrapped) == list(GlobalBatchSampler(8, 8, seed=0))
+
+
 def test_trainer_construction_errors():
     config = tiny_config()
     with pytest.raises(TypeError, match="config must be a DiffusionConfig; got dict"):
         AdvancedDiffusionTrainer(AdvancedUNet(config), config.to_dict())
     with pytest.raises(RuntimeError, match=r"distributed=True needs torch.distributed"):
         AdvancedDiffusionTrainer(AdvancedUNet(config), config, distributed=True)
+
+
+def test_state_dict_inside_an_accumulation_window_under_ddp_is_an_error():
+    """Each rank's window gradients differ until the update's all-reduce: no checkpoint then.
+    DDP is detected as a wrapped network (trainer.net is not the bare denoiser); a stand-in
+    wrapper plays it here."""
+    trainer = make_trainer(gradient_accumulation_steps=2, use_ema=False)
+    ddp_stand_in = types.SimpleNamespace(module=trainer.denoiser)
+    trainer.net = ddp_stand_in
+    assert trainer.state_dict()["accumulation_window"] is None  # between windows: fine
+    trainer.net = trainer.denoiser
+    trainer.train_step(fixed_batch())
+    trainer.net = ddp_stand_in
+    with pytest.raises(ValueError, match=r"middle of an accumulation window under DDP "
+                                         r"\(micro-step 1, gradient_accumulation_steps 2\)"):
+        trainer.state_dict()
+
+
+@pytest.mark.parametrize("key", ["optimizer", "model", "rng.generator", "counters.micro_step"])
+def test_checkpoint_missing_a_key_names_it(tmp_path, key):
+    trainer = make_trainer()
+    state = trainer.state_dict()
+    section, _, inner = key.rpartition(".")
+    del (state[section] if section else state)[inner]
+    fresh = make_trainer(seed=3)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"missing \['{key}'\]"):
+        fresh.load_state_dict(state)
+    assert_bitwise_equal(fresh.model.state_dict(), before)  # nothing was half-loaded
 
 
 def test_load_checkpoint_errors(tmp_path):
