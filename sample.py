@@ -1,16 +1,18 @@
 """Sample images from a train.py checkpoint.
 
     python sample.py --checkpoint runs/shapes/last.pt --prompt "a red circle" --out out.png
-                     [--negative-prompt TEXT] [--num-images 8] [--steps 50]
+                     [--negative-prompt TEXT] [--num-images 1] [--steps N]
                      [--sampler ddim|ddpm|dpmsolver++|euler|euler_ancestral]
-                     [--guidance-scale 7.5] [--guidance-rescale 0] [--eta 0] [--seed 0]
-                     [--no-ema]
-                     [--init-image in.png --strength 0.8]
+                     [--guidance-scale G] [--guidance-rescale PHI] [--eta ETA] [--seed 0]
+                     [--no-ema] [--device cuda|cpu]
+                     [--init-image in.png [--strength 0.8]]
 
-OUT ending in .png is a grid with the prompt under each image; anything else is a folder of
-one PNG per image plus metadata.jsonl ({"file_name", "text", "seed", ...} per line, the
-convention the trainer's image-folder dataset reads). Image i draws all its noise from seed + i
-alone, so the seed in metadata.jsonl remakes that image whatever the rest of the batch was.
+--steps, --sampler, --guidance-scale, --guidance-rescale and --eta default to the checkpoint
+config's values. OUT ending in .png is a grid with the prompt under each image; anything else is
+a folder of one PNG per image plus metadata.jsonl ({"file_name", "text", "seed", ...} per line,
+the convention the trainer's image-folder dataset reads). Image i draws all its noise from
+seed + i alone, so the seed in metadata.jsonl remakes that image whatever the rest of the batch
+was.
 """
 
 import argparse
@@ -25,7 +27,16 @@ from tqdm import tqdm
 from diffusion.config import positive_int
 from nets import keep_freed_memory
 from sampling import SAMPLERS, AdvancedDiffusionPipeline, from_pil, make_grid, to_pil
-from sampling.pipeline import add_device_argument
+from sampling.pipeline import (
+    DEFAULT_STRENGTH,
+    add_device_argument,
+    check_output_path,
+    check_seed,
+    make_folder,
+    open_image,
+)
+
+FROM_CONFIG = "default: the checkpoint config's value"
 
 
 def parse_args(argv=None):
@@ -33,26 +44,46 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--num-images", type=positive_int, default=1)
+    parser.add_argument("--num-images", type=positive_int, default=1, help="default: 1")
     parser.add_argument("--steps", type=int, default=None,
-                        help="default: the checkpoint config's num_inference_steps")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None)
+                        help=f"num_inference_steps ({FROM_CONFIG})")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=FROM_CONFIG)
+    parser.add_argument("--guidance-scale", type=float, default=None, help=FROM_CONFIG)
     parser.add_argument("--guidance-rescale", type=float, default=None,
-                        help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
-    parser.add_argument("--eta", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+                        help=f"guidance rescale phi in [0, 1] (Lin et al. 2023; {FROM_CONFIG})")
+    parser.add_argument("--eta", type=float, default=None, help=f"DDIM's eta ({FROM_CONFIG})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image i uses seed + i, each in [0, 2**63 - 1] (default: 0)")
     add_device_argument(parser)
     parser.add_argument("--no-ema", action="store_true", help="use the trained, not EMA, weights")
     parser.add_argument("--init-image", help="image-to-image: the starting image")
-    parser.add_argument("--strength", type=float, default=0.8)
+    parser.add_argument("--strength", type=float, default=None,
+                        help="with --init-image: the fraction of the steps run from it, in "
+                             f"[0, 1] (default: {DEFAULT_STRENGTH})")
     parser.add_argument("--out", required=True, help="a .png grid, or a folder")
     return parser.parse_args(argv)
 
 
-def generate(args, prompts: list[str], seeds: list[int]):
+def is_grid(out: Path) -> bool:
+    return out.suffix.lower() == ".png"
+
+
+def check_args(args) -> Image.Image | None:
+    """The checks that need no checkpoint, made before it loads (ValueError); returns the
+    --init-image, opened."""
+    check_seed(args.seed, args.num_images)
+    if args.strength is not None and not args.init_image:
+        raise ValueError(f"--strength {args.strength} is for image-to-image; it needs "
+                         f"--init-image")
+    out = Path(args.out)
+    check_output_path(out, "--out", folder=not is_grid(out))
+    return open_image(args.init_image, "--init-image") if args.init_image else None
+
+
+def generate(args, prompts: list[str], seeds: list[int], init_image: Image.Image | None):
     """(images (B, C, H, W) in [0, 1], settings, strength); ValueError (CheckpointError
-    included) for anything the arguments got wrong."""
+    included) for anything the arguments got wrong, raised before sampling, which starts
+    once the output folder exists."""
     pipeline = AdvancedDiffusionPipeline.from_checkpoint(
         args.checkpoint, use_ema=not args.no_ema, device=args.device)
     config = pipeline.config
@@ -60,17 +91,36 @@ def generate(args, prompts: list[str], seeds: list[int]):
                 **pipeline.settings(args.steps, args.guidance_scale, args.sampler, args.eta,
                                     args.guidance_rescale)}
     init, strength = None, 1.0
-    if args.init_image:
-        if not Path(args.init_image).exists():
-            raise ValueError(f"--init-image {args.init_image!r} does not exist")
+    if init_image is not None:
         size = (config.sample_size, config.sample_size)
-        init = from_pil(Image.open(args.init_image).resize(size, Image.BICUBIC),
+        init = from_pil(init_image.resize(size, Image.BICUBIC),
                         config.in_channels).expand(args.num_images, -1, -1, -1)
-        strength = args.strength
-    with tqdm(total=settings["num_inference_steps"], desc="sampling") as bar:
+        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    steps = pipeline.num_denoising_steps(settings["num_inference_steps"], strength)
+    out = Path(args.out)
+    make_folder(out.parent if is_grid(out) else out, "--out")
+    with tqdm(total=steps, desc="sampling") as bar:
         images = pipeline.generate(prompts, seeds, init_images=init, strength=strength,
                                    callback=lambda i, t, x: bar.update(1), **settings)
     return images, settings, strength
+
+
+def save(args, images, prompts: list[str], seeds: list[int], settings: dict,
+         strength: float) -> Path:
+    """A grid, or a folder of PNGs plus metadata.jsonl, as --out says."""
+    out = Path(args.out)
+    if is_grid(out):
+        make_grid(images, prompts).save(out)
+        return out
+    with open(out / "metadata.jsonl", "w") as f:
+        for i, (image, seed) in enumerate(zip(images, seeds)):
+            name = f"{i:04d}.png"
+            to_pil(image).save(out / name)
+            f.write(json.dumps({"file_name": name, "text": args.prompt, "seed": seed,
+                                "checkpoint": str(args.checkpoint),
+                                "init_image": args.init_image,
+                                "strength": strength, **settings}) + "\n")
+    return out
 
 
 def main(argv=None):
@@ -79,23 +129,14 @@ def main(argv=None):
     prompts = [args.prompt] * args.num_images
     seeds = [args.seed + i for i in range(args.num_images)]
     try:
-        images, settings, strength = generate(args, prompts, seeds)
+        init_image = check_args(args)
+        images, settings, strength = generate(args, prompts, seeds, init_image)
     except ValueError as err:  # CheckpointError is one too
         sys.exit(f"sample.py: {err}")
-    out = Path(args.out)
-    if out.suffix.lower() == ".png":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, prompts).save(out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metadata.jsonl", "w") as f:
-            for i, (image, seed) in enumerate(zip(images, seeds)):
-                name = f"{i:04d}.png"
-                to_pil(image).save(out / name)
-                f.write(json.dumps({"file_name": name, "text": args.prompt, "seed": seed,
-                                    "checkpoint": str(args.checkpoint),
-                                    "init_image": args.init_image,
-                                    "strength": strength, **settings}) + "\n")
+    try:
+        out = save(args, images, prompts, seeds, settings, strength)
+    except OSError as err:  # e.g. the disk filled up while writing
+        sys.exit(f"sample.py: cannot write --out {args.out!r}: {err}")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

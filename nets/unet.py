@@ -236,6 +236,7 @@ class UNet(nn.Module):
         self.norm_out = Normalize(ch)
         self.act_out = nn.SiLU()
         self.conv_out = Conv2d(ch, out_channels, 3, padding=1)  # zero-initialised
+        self._said_xformers = False  # enable_xformers_memory_efficient_attention says so once
 
     @classmethod
     def from_config(cls, config) -> "UNet":
@@ -304,8 +305,13 @@ class UNet(nn.Module):
 
     def enable_xformers_memory_efficient_attention(self) -> None:
         """xformers is not a dependency: this selects PyTorch's memory-efficient SDPA kernel
-        (the fused flash kernel on CPU)."""
+        (the fused flash kernel on CPU) and says so, once per model."""
         self.set_attention_backend("efficient")
+        if not self._said_xformers:
+            self._said_xformers = True
+            warnings.warn("enable_xformers_memory_efficient_attention: xformers is not a "
+                          "dependency; attention uses PyTorch's memory-efficient SDPA kernel "
+                          "instead (the fused flash kernel on CPU)", stacklevel=2)
 
     def disable_xformers_memory_efficient_attention(self) -> None:
         self.set_attention_backend(None)

@@ -2,9 +2,11 @@
 several seeds, and let the shapes checker say how many images show the prompted colour and
 shape.
 
-    python -m sampling.evaluate --checkpoint runs/shapes/last.pt [--seeds 10] [--steps 25]
+    python -m sampling.evaluate --checkpoint runs/shapes/last.pt [--seeds 10] [--steps N]
         [--guidance-scale G] [--sampler S] [--shuffle-prompts] [--untrained] [--grid out.png]
         [--grid-seeds N] [--device cuda|cpu]
+
+--steps, --guidance-scale and --sampler default to the checkpoint config's values.
 
 Prints a table (measured next to chance) and one JSON line. Two controls make sure the
 checker cannot be satisfied by anything: `--untrained` samples a freshly initialised model of
@@ -16,16 +18,24 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from diffusion import SHAPES, CheckpointError, all_captions, shapes_adherence
+from diffusion import SHAPES, all_captions, shapes_adherence
 from diffusion.config import positive_int
 from nets import keep_freed_memory
 
-from .pipeline import AdvancedDiffusionPipeline, add_device_argument, make_grid
+from .pipeline import (
+    AdvancedDiffusionPipeline,
+    add_device_argument,
+    check_output_path,
+    make_folder,
+    make_grid,
+)
 
 SHUFFLE_SEED = 12345
+FROM_CONFIG = "default: the checkpoint config's value"
 
 
 @torch.no_grad()
@@ -57,32 +67,45 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--seeds", type=positive_int, default=10, help="images per caption")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--sampler", default=None)
-    parser.add_argument("--batch-size", type=positive_int, default=48)
+    parser.add_argument("--seeds", type=positive_int, default=10,
+                        help="images per caption (default: 10)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"num_inference_steps ({FROM_CONFIG})")
+    parser.add_argument("--guidance-scale", type=float, default=None, help=FROM_CONFIG)
+    parser.add_argument("--sampler", default=None, help=FROM_CONFIG)
+    parser.add_argument("--batch-size", type=positive_int, default=48,
+                        help="images per forward; changes speed, not the images (default: 48)")
     add_device_argument(parser)
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--shuffle-prompts", action="store_true",
                         help="control: score against shuffled prompts")
     parser.add_argument("--untrained", action="store_true",
                         help="control: a freshly initialised model of the same config")
-    parser.add_argument("--grid", help="also save the images as a grid PNG")
+    parser.add_argument("--grid", help="also save the images as a grid, a .png file")
     parser.add_argument("--grid-seeds", type=positive_int, default=None,
                         help="put only seeds 0..N-1 of each caption in the grid (default: all)")
     return parser.parse_args(argv)
+
+
+def check_grid(grid: str | None) -> None:
+    """--grid, before anything is sampled: a .png file that can be written."""
+    if grid is None:
+        return
+    if Path(grid).suffix.lower() != ".png":
+        raise ValueError(f"--grid {grid!r} must end in .png")
+    check_output_path(grid, "--grid")
 
 
 def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()
     try:
+        check_grid(args.grid)
         pipeline = AdvancedDiffusionPipeline.from_checkpoint(
             args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    except CheckpointError as err:
+    except ValueError as err:  # CheckpointError is one too
         sys.exit(f"evaluate: {err}")
     config = pipeline.config
     if args.untrained:
@@ -91,6 +114,8 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
+        if args.grid:
+            make_folder(Path(args.grid).parent, "--grid")
         images, prompts = sample_all_captions(pipeline, args.seeds, batch_size=args.batch_size,
                                               **settings)
     except ValueError as err:  # e.g. --sampler heun, --steps 0: one line, not a traceback
@@ -108,8 +133,11 @@ def main(argv=None):
     if args.grid:
         keep = min(args.grid_seeds or args.seeds, args.seeds)  # the grid shows scored images
         picked = [i for i in range(len(prompts)) if i % args.seeds < keep]  # caption-major
-        make_grid(images[picked], [prompts[i] for i in picked],
-                  columns=keep * len(SHAPES)).save(args.grid)
+        grid = make_grid(images[picked], [prompts[i] for i in picked], columns=keep * len(SHAPES))
+        try:
+            grid.save(args.grid)
+        except OSError as err:  # e.g. the disk filled up while writing
+            sys.exit(f"evaluate: cannot write --grid {args.grid!r}: {err}")
     return 0
 
 

@@ -6,6 +6,7 @@ This codebase works in pixel space: there is no VAE, "latents" are the images th
 """
 
 import argparse
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
+from diffusion.checkpoint import MODEL_FIELDS
+from diffusion.config import MAX_SEED
 from diffusion.trainer import TextConditionedDenoiser
 from nets import AdvancedUNet, TextEncoder
 
@@ -22,6 +25,7 @@ from .samplers import check_sampler, guided_model_fn, sample
 CAPTION_HEIGHT = 12  # pixels of caption text under each grid cell
 GRID_PAD = 2
 CAPTION_WIDTH = 96  # room for about 16 characters of the default PIL font
+DEFAULT_STRENGTH = 0.8  # image-to-image: the guide's generate_variations example
 
 
 def add_device_argument(parser) -> None:
@@ -37,11 +41,14 @@ def add_device_argument(parser) -> None:
                         help="where to sample (default: cuda when available, else cpu)")
 
 
-def parse_device(name: str) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError naming what is allowed."""
+def parse_device(name: str | torch.device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' (or a torch.device) -> torch.device; ValueError naming what
+    is allowed."""
+    if isinstance(name, torch.device):
+        name = str(name)
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ValueError(f"device={name!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") \
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -49,6 +56,110 @@ def parse_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={name!r}: only 'cpu' and 'cuda' are supported")
     return device
+
+
+def check_seed(seed, count: int = 1, name: str = "seed") -> None:
+    """The seed of `count` images, image i using seed + i: an int with 0 <= seed and
+    seed + count - 1 <= MAX_SEED (the DiffusionConfig seed field's range); TypeError or
+    ValueError naming `name` and the value otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name}={seed!r} must be int")
+    high = MAX_SEED - (count - 1)
+    if not 0 <= seed <= high:
+        each = f" (image i of {count} uses {name} + i, at most 2**63 - 1)" if count > 1 else ""
+        raise ValueError(f"{name}={seed!r} is out of range; allowed: 0 <= {name} <= {high}"
+                         f"{each}")
+
+
+def check_output_path(path: str | Path, name: str, *, folder: bool = False) -> Path:
+    """A script's output, checked before any sampling: `path` must be a file (or, with folder,
+    a folder) that is new or of that kind, under folders that exist or can be made and whose
+    nearest existing one is writable. ValueError naming `name` and the path otherwise.
+    Nothing is created (see `make_folder`)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is an existing file, not a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is an existing folder, not a file")
+    parent = path if folder else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is under {str(existing)!r}, which is a file, "
+                         f"not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {str(path)!r}: the folder {str(existing)!r} is not writable")
+    return path
+
+
+def make_folder(folder: Path, name: str) -> None:
+    """mkdir -p `folder` for the output `name`; ValueError saying why it cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name}: cannot create the folder {str(folder)!r} "
+                         f"({err.strerror or err})") from None
+
+
+def open_image(path: str | Path, name: str) -> Image.Image:
+    """Open and decode an image file; ValueError naming `name` and the path when it is missing,
+    a folder, or not an image PIL can read."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{name} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder, not an image file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError included
+        raise ValueError(f"{name} {str(path)!r} cannot be read as an image: {err}") from None
+    return image
+
+
+def _prompt_list(prompt, name: str, *, one_allowed: bool) -> list[str]:
+    """`prompt` as a list of str: a list or tuple of str, or (one_allowed) a single str;
+    TypeError naming `name` otherwise."""
+    if one_allowed and isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)):
+        bad = [p for p in prompt if not isinstance(p, str)]
+        if not bad:
+            return list(prompt)
+        got = f"a {type(prompt).__name__} holding {type(bad[0]).__name__} {bad[0]!r}"
+    else:
+        got = type(prompt).__name__
+    allowed = "a str or a list of str" if one_allowed else "a list of str"
+    raise TypeError(f"{name} must be {allowed}; got {got}")
+
+
+def _check_negative_prompt(negative_prompt) -> None:
+    """One negative prompt (the unconditional branch of every image) or None."""
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise TypeError(f"negative_prompt must be a str or None (one negative prompt for the "
+                        f"whole batch); got {type(negative_prompt).__name__}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got "
+                        f"{type(generator).__name__}")
+
+
+def _config_differences(config: DiffusionConfig, unet, text_encoder) -> list[str]:
+    """The MODEL_FIELDS on which the modules were built differently from `config`: the UNet's
+    own config (AdvancedUNet keeps it), and the text encoder's sizes (TextEncoder)."""
+    built = {}
+    if isinstance(getattr(unet, "config", None), DiffusionConfig):
+        built["unet"] = {name: getattr(unet.config, name) for name in MODEL_FIELDS}
+    if isinstance(text_encoder, TextEncoder):
+        built["text_encoder"] = {
+            "context_dim": text_encoder.context_dim,
+            "text_encoder_width": text_encoder.token_embedding.embedding_dim,
+            "text_encoder_layers": len(text_encoder.blocks),
+            "max_text_length": text_encoder.max_length}
+    return [f"{name}: {module} {value!r} vs config {getattr(config, name)!r}"
+            for module, fields in built.items() for name, value in fields.items()
+            if value != getattr(config, name)]
 
 
 def decode_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -100,12 +211,17 @@ class AdvancedDiffusionPipeline:
         if not isinstance(config, DiffusionConfig):
             raise TypeError(f"config must be a DiffusionConfig; got {type(config).__name__}")
         config.validate()
+        differences = _config_differences(config, unet, text_encoder)
+        if differences:
+            raise ValueError("the unet or text_encoder was built with another config than "
+                             "the pipeline's: " + "; ".join(differences)
+                             + "; pass the config they were built with")
         self.config = config
         self.unet = unet if unet is not None else AdvancedUNet(config)
         self.text_encoder = text_encoder if text_encoder is not None else \
             TextEncoder.from_config(config)
         self.scheduler = scheduler or AdvancedScheduler(config)
-        self.device = torch.device(device) if device is not None else \
+        self.device = parse_device(device) if device is not None else \
             next(self.unet.parameters()).device
         self.unet.to(self.device).eval()
         self.text_encoder.to(self.device).eval()
@@ -119,7 +235,10 @@ class AdvancedDiffusionPipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, use_ema: bool = True, device=None):
-        """Load a train.py checkpoint (weights_only); with use_ema, the EMA weights."""
+        """Load a train.py checkpoint (weights_only); with use_ema, the EMA weights.
+        device: 'cpu', 'cuda' or 'cuda:N' (ValueError when this machine lacks it)."""
+        if device is not None:
+            device = parse_device(device)
         state = load_checkpoint_file(path)
         config = DiffusionConfig.from_dict(state["config"])
         unet, text_encoder = AdvancedUNet(config), TextEncoder.from_config(config)
@@ -217,7 +336,8 @@ class AdvancedDiffusionPipeline:
                  eta: float | None = None, init_images: torch.Tensor | None = None,
                  strength: float = 1.0, guidance_rescale: float | None = None,
                  callback=None) -> torch.Tensor:
-        """One image per (prompt, seed) -> (B, C, H, W) in [0, 1].
+        """One image per (prompt, seed) -> (B, C, H, W) in [0, 1]. prompts: a list of str;
+        seeds: a list of int in [0, 2**63 - 1]; negative_prompt: one str for all, or None.
 
         Image i draws all its noise, the starting noise and the step noise of the stochastic
         samplers (ddpm, euler_ancestral, ddim with eta > 0), from its own CPU generator seeded
@@ -232,10 +352,16 @@ class AdvancedDiffusionPipeline:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
                 or not 0 <= strength <= 1:
             raise ValueError(f"strength={strength!r} must be a number in [0, 1]")
+        prompts = _prompt_list(prompts, "prompts", one_allowed=False)
         if len(prompts) == 0:
             raise ValueError("prompts is empty; pass at least one prompt (and one seed each)")
+        if not isinstance(seeds, (list, tuple)):
+            raise TypeError(f"seeds must be a list of int; got {type(seeds).__name__}")
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        for i, seed in enumerate(seeds):
+            check_seed(seed, name=f"seeds[{i}]")
+        _check_negative_prompt(negative_prompt)
         height = cfg.sample_size if height is None else height
         width = cfg.sample_size if width is None else width
         self._check_size(height, width)
@@ -247,7 +373,7 @@ class AdvancedDiffusionPipeline:
         num_inference_steps = resolved["num_inference_steps"]
         self.scheduler.set_timesteps(num_inference_steps)  # also validates the step count
         sampler = check_sampler(resolved["sampler"])
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # one per image
+        generators = [torch.Generator().manual_seed(s) for s in seeds]  # one per image
         x_T = randn_like(torch.empty(shape, device=self.device), generators)
         timesteps = None
         if init_images is not None and strength < 1:
@@ -255,7 +381,7 @@ class AdvancedDiffusionPipeline:
             if len(timesteps) == 0:
                 return decode_latents(init_images)
             x_T = self.scheduler.add_noise(init_images.to(self.device), timesteps[0], noise=x_T)
-        cond, uncond = self._encode(list(prompts), [negative_prompt or ""] * len(prompts))
+        cond, uncond = self._encode(prompts, [negative_prompt or ""] * len(prompts))
         unet = self._on_device(self.unet)
 
         def denoise(x, t, context, mask):
@@ -287,11 +413,23 @@ class AdvancedDiffusionPipeline:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images={num_images!r} must be a positive int")
 
-    def _seeds(self, count: int, seed: int | None, generator) -> list[int]:
+    def num_denoising_steps(self, num_inference_steps: int | None = None,
+                            strength: float = 1.0) -> int:
+        """How many steps (callbacks) `generate` runs: num_inference_steps (default: the
+        config's), or in image-to-image the `strength` fraction of them that remain."""
+        self.scheduler.set_timesteps(self.settings(num_inference_steps)["num_inference_steps"])
+        return len(self.scheduler.img2img_timesteps(strength))
+
+    @staticmethod
+    def _seeds(count: int, seed: int | None, generator) -> list[int]:
+        """seed, seed + 1, ...; a seed left None is drawn from `generator` (or at random)."""
+        _check_generator(generator)
         if seed is None:
             generator = generator or torch.Generator().manual_seed(
                 int(torch.randint(0, 2**31 - 1, (1,)).item()))
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
+                                     device=generator.device).item())
+        check_seed(seed, count)
         return [seed + i for i in range(count)]
 
     def generate_image(self, prompt: str | Sequence[str], negative_prompt=None,
@@ -299,39 +437,48 @@ class AdvancedDiffusionPipeline:
                        guidance_scale: float | None = None,
                        width: int | None = None, height: int | None = None,
                        num_images: int = 1, seed: int | None = None, generator=None,
-                       sampler: str | None = None, eta: float | None = None):
+                       sampler: str | None = None, eta: float | None = None,
+                       guidance_rescale: float | None = None):
         """Text-to-image. Returns a PIL image, or a list when more than one is made.
 
+        prompt: a str or a list of str; negative_prompt: one str (or None) for all of them.
         num_images per prompt. Image i of the batch uses seed + i (seed drawn from
-        `generator`, or at random, when not given), so a batch equals the same images
-        generated one by one. Settings left None come from the config (the guide's defaults
-        are 50 steps, guidance 7.5).
+        `generator`, a torch.Generator, or at random, when not given), so a batch equals the
+        same images generated one by one. Settings left None come from the config (the
+        guide's defaults are 50 steps, guidance 7.5).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompt_list(prompt, "prompt", one_allowed=True)
+        if not prompts:
+            raise ValueError("prompt is an empty list; pass at least one prompt")
+        _check_negative_prompt(negative_prompt)
         self._check_num_images(num_images)
         prompts = [p for p in prompts for _ in range(num_images)]
         images = self.generate(prompts, self._seeds(len(prompts), seed, generator),
                                negative_prompt=negative_prompt,
                                num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, height=height, width=width,
-                               sampler=sampler, eta=eta)
+                               sampler=sampler, eta=eta, guidance_rescale=guidance_rescale)
         pils = [to_pil(image) for image in images]
         return pils[0] if len(pils) == 1 else pils
 
     def generate_variations(self, image, prompt: str, negative_prompt=None,
                             num_inference_steps: int | None = None,
                             guidance_scale: float | None = None,
-                            strength: float = 0.8, num_images: int = 1,
+                            strength: float = DEFAULT_STRENGTH, num_images: int = 1,
                             seed: int | None = None, generator=None,
                             sampler: str | None = None, eta: float | None = None,
-                            width: int | None = None, height: int | None = None):
+                            width: int | None = None, height: int | None = None,
+                            guidance_rescale: float | None = None):
         """Image-to-image (SDEdit). image: a PIL image or a path; it is resized to
         (width, height), by default the model's sample size. strength 0 returns the input,
-        strength 1 is plain text-to-image. Settings left None come from the config."""
+        strength 1 is plain text-to-image. prompt and negative_prompt: one str each (None for
+        no negative prompt); seed and generator as in `generate_image`. Settings left None
+        come from the config."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
+        _check_negative_prompt(negative_prompt)
         if isinstance(image, (str, Path)):
-            if not Path(image).exists():
-                raise ValueError(f"image path {str(image)!r} does not exist")
-            image = Image.open(image)
+            image = open_image(image, "image path")
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image or a path; got {type(image).__name__}")
         height = self.config.sample_size if height is None else height
@@ -344,6 +491,7 @@ class AdvancedDiffusionPipeline:
                                negative_prompt=negative_prompt,
                                num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, height=height, width=width,
-                               sampler=sampler, eta=eta, init_images=init, strength=strength)
+                               sampler=sampler, eta=eta, init_images=init, strength=strength,
+                               guidance_rescale=guidance_rescale)
         pils = [to_pil(img) for img in images]
         return pils[0] if len(pils) == 1 else pils

@@ -508,8 +508,26 @@ def test_slicing_and_backends_do_not_change_the_unet():
             torch.testing.assert_close(run(model, x, t, context, mask), ref, atol=1e-5,
                                        rtol=1e-5)
         model.unet.disable_attention_slicing()
-        model.unet.enable_xformers_memory_efficient_attention()
+        with pytest.warns(UserWarning, match="xformers is not a dependency"):
+            model.unet.enable_xformers_memory_efficient_attention()
         torch.testing.assert_close(run(model, x, t, context, mask), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_xformers_toggle_selects_the_efficient_kernel_and_says_so_once():
+    """xformers is not a dependency (DESIGN.md): the toggle picks PyTorch's memory-efficient
+    SDPA kernel and warns that it did, once per model, however it is reached."""
+    model = build()
+    layers = [m for m in model.modules() if isinstance(m, CrossAttention)]
+    with pytest.warns(UserWarning, match="enable_xformers_memory_efficient_attention: xformers "
+                                         "is not a dependency; attention uses PyTorch's "
+                                         "memory-efficient SDPA kernel"):
+        model.enable_xformers_memory_efficient_attention()
+    assert layers and all(layer.backend == "efficient" for layer in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.unet.enable_xformers_memory_efficient_attention()  # said already: silent
+    with pytest.warns(UserWarning, match="xformers is not a dependency"):
+        build(use_xformers=True)  # the config's flag says so too
 
 
 @pytest.mark.parametrize("pooled", [False, True])

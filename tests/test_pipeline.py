@@ -13,9 +13,11 @@ from PIL import Image
 
 import sample as sample_script
 import sampling.evaluate as evaluate_script
+import sampling.pipeline as pipeline_module
 from diffusion import CheckpointError
+from diffusion.config import MAX_SEED
 from nets import AdvancedUNet, TextEncoder
-from sampling import AdvancedDiffusionPipeline, guided_model_fn
+from sampling import AdvancedDiffusionPipeline, guided_model_fn, to_pil
 from sampling.evaluate import sample_all_captions
 from sampling.pipeline import parse_device
 
@@ -237,7 +239,8 @@ def test_memory_toggles_give_the_same_images():
     base = AdvancedDiffusionPipeline(config, unet, text)
     reference = images_of(base, ["a red circle"], [0])
     base.enable_attention_slicing(1)
-    base.enable_xformers_memory_efficient_attention()
+    with pytest.warns(UserWarning, match="xformers is not a dependency"):
+        base.enable_xformers_memory_efficient_attention()
     base.enable_sequential_guidance()
     with pytest.warns(UserWarning, match="pixel space"):
         base.enable_vae_slicing()
@@ -323,6 +326,128 @@ def test_documented_pipeline_errors(pipeline, tmp_path):
                                                       num_images=0)):
         with pytest.raises(ValueError, match=r"num_images=0 must be a positive int"):
             call()
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(seed=2**70), ValueError,
+     r"seed=1180591620717411303424 is out of range; allowed: 0 <= seed <= 9223372036854775807$"),
+    (dict(seed=-1), ValueError, r"seed=-1 is out of range; allowed: 0 <= seed <= "),
+    (dict(seed=MAX_SEED, num_images=2), ValueError,
+     r"seed=9223372036854775807 is out of range; allowed: 0 <= seed <= 9223372036854775806 "
+     r"\(image i of 2 uses seed \+ i, at most 2\*\*63 - 1\)"),
+    (dict(seed="3"), TypeError, r"seed='3' must be int"),
+    (dict(seed=1.5), TypeError, r"seed=1.5 must be int"),
+    (dict(seed=True), TypeError, r"seed=True must be int"),
+    (dict(generator=5), TypeError, r"generator must be a torch.Generator or None; got int"),
+    (dict(negative_prompt=["x", "y"]), TypeError,
+     r"negative_prompt must be a str or None \(one negative prompt for the whole batch\); "
+     r"got list"),
+])
+def test_seed_generator_and_negative_prompt_errors(pipeline, kwargs, error, message):
+    """Checked in both public methods before anything is sampled (a seed past 2**63 - 1 used
+    to fail inside torch, a str seed with a str + int TypeError, 1.5 was truncated)."""
+    image = Image.new("RGB", (16, 16))
+    with pytest.raises(error, match=message):
+        pipeline.generate_image("a red circle", **kwargs)
+    with pytest.raises(error, match=message):
+        pipeline.generate_variations(image, "a red circle", **kwargs)
+
+
+def test_seeds_reach_2_63_minus_1(pipeline):
+    """Image i uses seed + i, each at most 2**63 - 1 (torch's limit): the last seeds work and
+    one past them is refused before sampling; a generator still draws the seed."""
+    kw = dict(num_inference_steps=1, guidance_scale=3.0)
+    assert len(pipeline.generate_image("a red circle", seed=MAX_SEED - 1, num_images=2,
+                                       **kw)) == 2
+    with pytest.raises(ValueError, match=r"seed=9223372036854775807 is out of range"):
+        pipeline.generate_image("a red circle", seed=MAX_SEED, num_images=2, **kw)
+    drawn, again = (pipeline.generate_image("a red circle", **kw,
+                                            generator=torch.Generator().manual_seed(4))
+                    for _ in range(2))
+    assert drawn.tobytes() == again.tobytes()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda p: p.generate_image(None), TypeError,
+     r"prompt must be a str or a list of str; got NoneType"),
+    (lambda p: p.generate_image(["a red circle", 3]), TypeError,
+     r"prompt must be a str or a list of str; got a list holding int 3"),
+    (lambda p: p.generate_image([]), ValueError,
+     r"prompt is an empty list; pass at least one prompt"),
+    (lambda p: p.generate("a red circle", [0]), TypeError,
+     r"prompts must be a list of str; got str"),
+    (lambda p: p.generate(["a red circle"], 0), TypeError, r"seeds must be a list of int; got int"),
+    (lambda p: p.generate(["a red circle"], [-1]), ValueError,
+     r"seeds\[0\]=-1 is out of range; allowed: 0 <= seeds\[0\] <= 9223372036854775807"),
+    (lambda p: p.generate(["a red circle"], [0.5]), TypeError, r"seeds\[0\]=0.5 must be int"),
+    (lambda p: p.generate(["a red circle"], [0], negative_prompt=["x"]), TypeError,
+     r"negative_prompt must be a str or None"),
+])
+def test_prompt_and_seed_errors_name_the_argument(pipeline, call, error, message):
+    with pytest.raises(error, match=message):
+        call(pipeline)
+
+
+def test_guidance_rescale_is_a_per_call_setting_of_every_method(pipeline):
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, seed=3)
+    plain = pipeline.generate_image("a red circle", **kw)
+    rescaled = pipeline.generate_image("a red circle", guidance_rescale=1.0, **kw)
+    expected = to_pil(pipeline.generate(["a red circle"], [3], num_inference_steps=2,
+                                        guidance_scale=5.0, guidance_rescale=1.0)[0])
+    assert rescaled.tobytes() == expected.tobytes() != plain.tobytes()
+    image = Image.new("RGB", (16, 16), (40, 90, 200))
+    varied = pipeline.generate_variations(image, "a red circle", strength=1.0,
+                                          guidance_rescale=1.0, **kw)
+    assert varied.tobytes() == rescaled.tobytes()  # strength 1 is plain text-to-image
+    with pytest.raises(ValueError, match=r"guidance_rescale=2.0 is out of range"):
+        pipeline.generate_variations(image, "a red circle", guidance_rescale=2.0, seed=0)
+
+
+def test_pipeline_refuses_modules_built_from_another_config():
+    """A UNet or text encoder of another config failed at the first forward with an error
+    about encoder_hidden_states; the pipeline now names the fields that differ."""
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"the unet or text_encoder was built with another "
+                                         r"config than the pipeline's: context_dim: unet 16 vs "
+                                         r"config 32; pass the config they were built with"):
+        AdvancedDiffusionPipeline(config, unet=AdvancedUNet(tiny_config(context_dim=16)))
+    with pytest.raises(ValueError, match=r"model_channels: unet 32 vs config 16; "
+                                         r"prediction_type: unet 'v_prediction' vs config "
+                                         r"'epsilon'"):
+        AdvancedDiffusionPipeline(config, unet=AdvancedUNet(tiny_config(
+            model_channels=32, prediction_type="v_prediction", v_prediction=True)))
+    other_text = TextEncoder.from_config(tiny_config(text_encoder_layers=2, max_text_length=40))
+    with pytest.raises(ValueError, match=r"text_encoder_layers: text_encoder 2 vs config 1; "
+                                         r"max_text_length: text_encoder 40 vs config 77"):
+        AdvancedDiffusionPipeline(config, text_encoder=other_text)
+    AdvancedDiffusionPipeline(config, AdvancedUNet(config), TextEncoder.from_config(config))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_a_clear_error(tmp_path):
+    """Checked before the checkpoint loads: a missing file is not even looked at."""
+    with pytest.raises(ValueError, match=r"device='cuda': this machine has no CUDA GPU"):
+        AdvancedDiffusionPipeline.from_checkpoint(tmp_path / "missing.pt", device="cuda")
+    with pytest.raises(ValueError, match=r"device='cuda:0': this machine has no CUDA GPU"):
+        AdvancedDiffusionPipeline(tiny_config(), device=torch.device("cuda:0"))
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device"):
+        AdvancedDiffusionPipeline(tiny_config(), device="gpu")
+
+
+def test_generate_variations_image_path_errors(pipeline, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match=rf"image path '{tmp_path}' is a folder, not an image"):
+        pipeline.generate_variations(tmp_path, "a red circle", seed=0)
+    with pytest.raises(ValueError, match=rf"image path '{tmp_path / 'notes.png'}' cannot be "
+                                         rf"read as an image: cannot identify image file"):
+        pipeline.generate_variations(tmp_path / "notes.png", "a red circle", seed=0)
+
+
+def test_num_denoising_steps_counts_the_img2img_tail(pipeline):
+    assert pipeline.num_denoising_steps(10) == 10
+    assert pipeline.num_denoising_steps(10, strength=0.6) == 6
+    assert pipeline.num_denoising_steps(strength=0.5) == 2  # the config's 4 steps
+    assert pipeline.num_denoising_steps(10, strength=0.0) == 0
 
 
 def test_from_checkpoint_errors(tmp_path):
@@ -413,6 +538,119 @@ def test_sample_script_errors_are_one_line(checkpoint, tmp_path, monkeypatch, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_sample_script_checks_its_arguments_before_loading(tmp_path, monkeypatch, capsys):
+    """Bad --out, --seed, --init-image and --strength are one-line errors raised before the
+    checkpoint loads (the checkpoint here does not exist, and that error never comes), so
+    before anything is sampled; nothing is created."""
+    afile, folder = tmp_path / "afile", tmp_path / "folder.png"
+    afile.write_text("not an image")
+    folder.mkdir()
+    base = ("--checkpoint", tmp_path / "missing.pt", "--prompt", "a red circle")
+    for flags, message in [
+        (("--out", afile), f"--out {str(afile)!r} is an existing file, not a folder"),
+        (("--out", afile / "x.png"),
+         f"--out {str(afile / 'x.png')!r} is under {str(afile)!r}, which is a file, not a folder"),
+        (("--out", afile / "sub" / "images"), f"--out {str(afile / 'sub' / 'images')!r} is "
+                                              f"under {str(afile)!r}, which is a file"),
+        (("--out", folder), f"--out {str(folder)!r} is an existing folder, not a file"),
+        (("--seed", 99999999999999999999, "--out", tmp_path / "o"),
+         "seed=99999999999999999999 is out of range; allowed: 0 <= seed <= 9223372036854775807"),
+        (("--seed", -1, "--out", tmp_path / "o"), "seed=-1 is out of range; allowed: 0 <= seed"),
+        (("--seed", MAX_SEED, "--num-images", 3, "--out", tmp_path / "o"),
+         "seed=9223372036854775807 is out of range; allowed: 0 <= seed <= 9223372036854775805 "
+         "(image i of 3 uses seed + i, at most 2**63 - 1)"),
+        (("--init-image", afile, "--out", tmp_path / "o"),
+         f"--init-image {str(afile)!r} cannot be read as an image: cannot identify image file"),
+        (("--init-image", tmp_path, "--out", tmp_path / "o"),
+         f"--init-image {str(tmp_path)!r} is a folder, not an image file"),
+        (("--strength", 0.3, "--out", tmp_path / "o"),
+         "--strength 0.3 is for image-to-image; it needs --init-image"),
+    ]:
+        assert script_error(sample_script, monkeypatch, capsys, *base, *flags) \
+            .startswith(f"sample.py: {message}"), flags
+    assert not (tmp_path / "o").exists()
+
+
+def unmakeable(folder: str, out: str | None = None) -> str:
+    """The error for an output under /proc, where no folder can be made: as root the access
+    check passes and mkdir fails; otherwise /proc is not writable."""
+    if os.access("/proc", os.W_OK | os.X_OK):
+        return f": cannot create the folder {folder!r} (No such file or directory)"
+    return f" {out or folder!r}: the folder '/proc' is not writable"
+
+
+def test_sample_script_output_folder_errors(checkpoint, tmp_path, monkeypatch, capsys):
+    """The output folder is made before sampling starts (an unwritable place fails then, not
+    after all the sampling), and a write that fails at the end is one line too."""
+    monkeypatch.setattr(sample_script.AdvancedDiffusionPipeline, "generate",
+                        lambda *a, **k: pytest.fail("sampled before the output was checked"))
+    base = ("--checkpoint", checkpoint, "--prompt", "a red circle", "--steps", 1)
+    assert script_error(sample_script, monkeypatch, capsys, *base, "--out", "/proc/no/out") \
+        .startswith("sample.py: --out" + unmakeable("/proc/no/out"))
+    # os.access: root may write anywhere, so the not-writable check is driven directly
+    monkeypatch.setattr(pipeline_module.os, "access", lambda path, mode: False)
+    out = tmp_path / "new" / "grid.png"
+    assert script_error(sample_script, monkeypatch, capsys, *base, "--out", out) == \
+        f"sample.py: --out {str(out)!r}: the folder {str(tmp_path)!r} is not writable"
+    monkeypatch.undo()
+
+    class FullDisk:
+        def save(self, path):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sample_script, "make_grid", lambda *a, **k: FullDisk())
+    assert script_error(sample_script, monkeypatch, capsys, *base, "--out", out) == \
+        f"sample.py: cannot write --out {str(out)!r}: [Errno 28] No space left on device"
+    assert out.parent.is_dir()  # made before sampling
+
+
+def test_sample_script_img2img_progress_and_strength(checkpoint, tmp_path, monkeypatch):
+    """The progress bar's total is the number of steps image-to-image runs (strength 0.5 of
+    10: 5), not num_inference_steps; --strength defaults to 0.8 with --init-image."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    monkeypatch.setattr(sample_script, "tqdm", Bar)
+    monkeypatch.setattr(sample_script, "keep_freed_memory", lambda: True)
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "in.png")
+    common = ("--checkpoint", checkpoint, "--prompt", "a red circle", "--steps", 10,
+              "--init-image", tmp_path / "in.png", "--device", "cpu")
+    assert sample_script.main([str(a) for a in (*common, "--strength", 0.5,
+                                                "--out", tmp_path / "half")]) == 0
+    assert sample_script.main([str(a) for a in (*common, "--out", tmp_path / "default")]) == 0
+    assert [(bar.total, bar.n) for bar in bars] == [(5, 5), (8, 8)]
+    line = json.loads((tmp_path / "default" / "metadata.jsonl").read_text())
+    assert line["strength"] == 0.8
+
+
+def test_scripts_help_shows_the_defaults(capsys):
+    for module in (sample_script, evaluate_script):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert "--guidance-scale GUIDANCE_SCALE default: the checkpoint config's value" in text
+        assert "--steps STEPS num_inference_steps (default: the checkpoint config's value)" in text
+    assert "--steps 25" not in evaluate_script.__doc__ and "--steps 50" not in \
+        sample_script.__doc__
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--help"])
+    assert "say how many images show the prompted colour and shape." in \
+        " ".join(capsys.readouterr().out.split())  # the whole first paragraph
+
+
 def test_sample_script_metadata_seed_remakes_the_image(checkpoint, tmp_path, monkeypatch):
     """With ddpm (fresh noise every step), image 1 of a batch of 3 is the image of its seed
     in metadata.jsonl made alone."""
@@ -464,7 +702,7 @@ def test_evaluate_prints_table_and_json_and_saves_a_grid(checkpoint, tmp_path):
     assert 0 <= summary["both"] <= min(summary["colour"], summary["shape"]) <= 1
     # --grid-seeds 1: one seed per caption, one colour per row of 4 shapes
     cells = Image.open(grid).size
-    two = tmp_path / "two.png"
+    two = tmp_path / "new" / "two.png"  # its folder is made
     assert evaluate_cli("--checkpoint", checkpoint, "--seeds", 2, "--steps", 2,
                         "--grid", two).returncode == 0
     assert Image.open(two).size[0] == 2 * cells[0] and Image.open(two).size[1] == cells[1]
@@ -482,6 +720,29 @@ def test_evaluate_controls_and_errors(checkpoint, tmp_path):
     assert bad.returncode != 0 and "--seeds: 0 must be a positive int" in bad.stderr
     bad = evaluate_cli("--checkpoint", checkpoint, "--device", "gpu")
     assert bad.returncode != 0 and "device='gpu' is not a device" in bad.stderr
+
+
+def test_evaluate_checks_grid_before_sampling(checkpoint, tmp_path, monkeypatch, capsys):
+    """--grid errors come before the checkpoint loads (here a missing one, whose error never
+    comes); a grid in a new folder gets the folder, made before sampling."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ("--checkpoint", tmp_path / "missing.pt", "--seeds", 1, "--device", "cpu")
+    assert script_error(evaluate_script, monkeypatch, capsys, *base, "--grid", afile) == \
+        f"evaluate: --grid {str(afile)!r} must end in .png"
+    assert script_error(evaluate_script, monkeypatch, capsys, *base, "--grid",
+                        afile / "g.png") == \
+        f"evaluate: --grid {str(afile / 'g.png')!r} is under {str(afile)!r}, which is a file, " \
+        f"not a folder"
+    (tmp_path / "dir.png").mkdir()
+    assert script_error(evaluate_script, monkeypatch, capsys, *base, "--grid",
+                        tmp_path / "dir.png") == \
+        f"evaluate: --grid {str(tmp_path / 'dir.png')!r} is an existing folder, not a file"
+    monkeypatch.setattr(evaluate_script, "sample_all_captions",
+                        lambda *a, **k: pytest.fail("sampled before the grid was checked"))
+    assert script_error(evaluate_script, monkeypatch, capsys, "--checkpoint", checkpoint,
+                        "--grid", "/proc/no/grid.png") \
+        .startswith("evaluate: --grid" + unmakeable("/proc/no", "/proc/no/grid.png"))
 
 
 def test_evaluate_errors_are_one_line(checkpoint, monkeypatch, capsys):
