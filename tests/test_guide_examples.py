@@ -1,9 +1,11 @@
 """The guide's code examples, run with this codebase's import lines.
 
-Names and call shapes stay as advanced-diffusion-guide.md shows them; only sizes shrink so
-they run on a CPU in seconds (the 64x64 default model has ~394M parameters), and the guide's
-undefined helpers (`dataloader`, `validate_model`, `save_checkpoint`, `device`) are given
-small definitions here.
+Names and call shapes stay as advanced-diffusion-guide.md shows them; sizes shrink so they
+run on a CPU in seconds (the 64x64 default model has ~394M parameters), training images are
+uniform in [-1, 1] where the guide draws `torch.randn` (train_step refuses images outside
+[-1, 1]: a batch in [0, 1] or [0, 255] is the common mistake), and the guide's undefined
+helpers (`dataloader`, `validate_model`, `save_checkpoint`, `device`) are given small
+definitions here.
 """
 
 import math
