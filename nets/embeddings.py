@@ -28,7 +28,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = MAX_
     args = timesteps.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
     if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)  # (B, dim)
     return emb
 
 

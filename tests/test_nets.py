@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.attention import SDPBackend
 
@@ -133,6 +135,25 @@ def test_timestep_embedding_formula():
     expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
     torch.testing.assert_close(emb, expected)
     assert timestep_embedding(t, 7).shape == (3, 7)
+
+
+@given(st.lists(st.tuples(st.integers(0, 999), st.floats(0.1, 0.9)), min_size=1, max_size=4),
+       st.integers(1, 12), st.floats(10.0, 1e5))
+def test_timestep_embedding_oracle(steps, dim, max_period):
+    """Vaswani et al. 2017, sec. 3.5 at any max_period, fractional t and odd dim:
+    emb[:, i] = cos(t f_i), emb[:, half + i] = sin(t f_i), f_i = max_period^(-i / half),
+    and an odd dim's last column is exactly zero (dim 1: that zero column alone)."""
+    t = torch.tensor([k + frac for k, frac in steps], dtype=torch.float64)
+    half = dim // 2
+    emb = timestep_embedding(t, dim, max_period=max_period)
+    assert emb.shape == (len(steps), dim) and emb.dtype == torch.float32
+    freqs = max_period ** (-torch.arange(half, dtype=torch.float64) / half)
+    args = t[:, None] * freqs
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    # float32 arguments t * f_i up to ~1000 carry ~1e-4 absolute rounding
+    torch.testing.assert_close(emb[:, :2 * half].double(), expected, rtol=0, atol=2e-4)
+    if dim % 2:
+        assert torch.equal(emb[:, -1], torch.zeros(len(steps)))
 
 
 def test_norm_groups_rule():
