@@ -174,6 +174,20 @@ def test_get_velocity_definition():
                                abar.sqrt() * eps - (1 - abar).sqrt() * x0, rtol=1e-12, atol=1e-12)
 
 
+@given(processes())
+def test_betas_and_alphas_tables_match_alphas_cumprod(sched):
+    """The public tables describe one process: alphas = 1 - betas and b_t = 1 - abar_t /
+    abar_{t-1} (b_0 = 1 - abar_0), with the zero-terminal-SNR rescale applied to betas too
+    (its last beta is 1)."""
+    abar = sched.alphas_cumprod_float64
+    expected = 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    torch.testing.assert_close(sched.betas, expected.float(), rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(sched.alphas, (1 - expected).float(), rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(sched.alphas + sched.betas, torch.ones_like(sched.betas))
+    if sched.config.rescale_betas_zero_snr:
+        assert sched.betas[-1] == 1 and sched.alphas_cumprod[-1] == 0
+
+
 # ---- timestep list ----
 
 @given(st.integers(2, 4000), st.data(), st.sampled_from(SPACINGS))
@@ -249,6 +263,33 @@ def test_ddim_eta_one_equals_ddpm_fixed_small(sched, seed, data):
     a = sched.step(out, t, x, eta=1.0, generator=gen(seed)).prev_sample
     b = ddpm.step(out, t, x, generator=gen(seed)).prev_sample
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@given(processes(), st.floats(0.0, 1.0), st.integers(0, 2**16), st.data())
+def test_ddim_noise_scale_is_eta_times_the_posterior_std(sched, eta, seed, data):
+    """Song et al. 2021, eq. 16: sigma_t(eta) = eta * sqrt(posterior variance), linear in eta,
+    so eta = 1/2 is half DDPM's fixed_small std (eta in {0, 1} cannot tell eta from eta^2).
+    Each std is read off from step(z1) - step(z2) = std (z1 - z2) with two noise seeds; DDIM's
+    default eta is config.eta."""
+    ddpm = AdvancedScheduler(sched.config, sampler="ddpm")
+    n = data.draw(st.integers(2, min(sched.num_train_timesteps, 30)))
+    sched.set_timesteps(n)
+    ddpm.set_timesteps(n)
+    t = data.draw(st.sampled_from(sched.timesteps[:-1].tolist()))
+    g = gen(seed)
+    x, out = torch.randn(2, 1, 3, 3, generator=g, dtype=F64), torch.randn(2, 1, 3, 3,
+                                                                          generator=g, dtype=F64)
+    dz = randn_like(x, gen(seed + 1)) - randn_like(x, gen(seed + 2))
+
+    def std(stepper, **kw):
+        a = stepper.step(out, t, x, generator=gen(seed + 1), **kw).prev_sample
+        b = stepper.step(out, t, x, generator=gen(seed + 2), **kw).prev_sample
+        return ((a - b) * dz).sum().item() / (dz * dz).sum().item()  # least squares
+
+    ddpm_std = std(ddpm)
+    assert std(sched, eta=eta) == pytest.approx(eta * ddpm_std, rel=1e-9, abs=1e-12)
+    sched.config.eta = eta
+    assert std(sched) == pytest.approx(eta * ddpm_std, rel=1e-9, abs=1e-12)
 
 
 # ---- DDPM ----
@@ -366,6 +407,26 @@ def test_half_precision_step_keeps_dtype(dtype):
     x, out = torch.randn(2, 3, 4, 4, dtype=dtype), torch.randn(2, 3, 4, 4, dtype=dtype)
     result = sched.step(out, 999, x)
     assert result.prev_sample.dtype == dtype and torch.isfinite(result.prev_sample).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_half_precision_step_is_the_float32_step_rounded_once(dtype, sampler, prediction_type):
+    """A bf16/fp16 sample is updated in float32 and rounded once at the end: the step equals
+    the float32 step of the same values, cast. Chaining the conversions and the update in half
+    precision rounds at every operation and differs in the last bits."""
+    sched = make(prediction_type, sampler=sampler, clip_sample=True)
+    sched.set_timesteps(10)
+    g = gen(0)
+    x, out = torch.randn(2, 3, 8, 8, generator=g).to(dtype), torch.randn(2, 3, 8, 8,
+                                                                          generator=g).to(dtype)
+    for t in sched.timesteps.tolist():
+        half = sched.step(out, t, x, eta=0.5, generator=gen(t))
+        full = sched.step(out.float(), t, x.float(), eta=0.5, generator=gen(t))
+        assert half.prev_sample.dtype == dtype
+        assert torch.equal(half.prev_sample, full.prev_sample.to(dtype)), t
+        assert torch.equal(half.pred_original_sample, full.pred_original_sample.to(dtype)), t
 
 
 # ---- image-to-image ----

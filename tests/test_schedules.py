@@ -49,6 +49,45 @@ def test_snr_strictly_decreasing(args):
     assert (ratio > 0).all() and (ratio[1:] < ratio[:-1]).all()
 
 
+@given(schedule_args(), st.booleans())
+def test_alphas_cumprod_is_the_exact_float64_product(args, zero_snr):
+    """abar_t = prod_{s<=t} (1 - b_s), taken in float64 throughout: a running product over
+    python floats (IEEE doubles) agrees to rounding. A float32 product is off by ~1e-7
+    relative, and one shifted by an index (prod_{s<t}) by a factor 1 - b_t."""
+    betas = make_betas(*args)
+    if zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    abar = alphas_cumprod_from_betas(betas)
+    assert abar.dtype == torch.float64
+    running, expected = 1.0, []
+    for b in betas.tolist():
+        running *= 1.0 - b
+        expected.append(running)
+    torch.testing.assert_close(abar, torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-300)
+
+
+@given(schedule_args())
+def test_snr_is_the_signal_to_noise_power_ratio_of_add_noise(args):
+    """SNR(t) is the power of the signal coefficient over that of the noise in
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (Kingma et al. 2021), read off add_noise with
+    unit inputs; and SNR is 1 where abar = 1/2, with SNR(1 - abar) = 1 / SNR(abar)."""
+    _, T, beta_start, beta_end = args
+    config = DiffusionConfig(beta_schedule=args[0], num_train_timesteps=T,
+                             beta_start=beta_start, beta_end=beta_end,
+                             num_inference_steps=min(50, T))
+    sched = AdvancedScheduler(config)
+    t = torch.arange(T)
+    ones, zeros = torch.ones(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
+    signal = sched.add_noise(ones, t, noise=zeros)
+    noise = sched.add_noise(zeros, t, noise=ones)
+    ratio = snr(sched.alphas_cumprod_float64)
+    torch.testing.assert_close(ratio, (signal / noise) ** 2, rtol=1e-10, atol=0)
+    a = torch.tensor([0.5, 0.1, 0.3, 0.9], dtype=torch.float64)
+    assert snr(a)[0] == 1
+    torch.testing.assert_close(snr(1 - a), 1 / snr(a), rtol=1e-12, atol=0)
+
+
 @given(schedule_args())
 def test_zero_terminal_snr(args):
     betas = make_betas(*args)
@@ -112,6 +151,26 @@ def test_spacing_values():
     # one linspace step is linspace(0, T-1, 1) = [0] (DESIGN's formula), not T-1 as for n >= 2
     assert inference_timesteps("linspace", 1000, 1).tolist() == [0]
     assert inference_timesteps("linspace", 1000, 2).tolist() == [999, 0]
+
+
+@given(st.integers(2, 4000), st.data(), st.sampled_from(SPACINGS))
+def test_spacings_are_the_nearest_integers_to_their_real_grids(T, data, spacing):
+    """Each rounded spacing is the nearest integer to its real-valued grid (DESIGN.md): trailing
+    t_k + 1 = T - k T/n, linspace t = j (T-1)/(n-1) for j = 0..n-1; leading is exact, with
+    every gap T // n and the last entry steps_offset. Floor or integer division in place of
+    round is off by up to 1 for n not dividing T."""
+    n = data.draw(st.integers(1, T))
+    steps = inference_timesteps(spacing, T, n).to(torch.float64)
+    k = torch.arange(n, dtype=torch.float64)
+    if spacing == "trailing":
+        assert ((steps + 1 - (T - k * T / n)).abs() <= 0.5).all()
+    elif spacing == "linspace" and n >= 2:
+        assert ((steps.flip(0) - k * (T - 1) / (n - 1)).abs() <= 0.5).all()
+        assert steps[0] == T - 1 and steps[-1] == 0
+    elif spacing == "leading":
+        offset = data.draw(st.integers(0, T - 1 - (n - 1) * (T // n)))
+        steps = inference_timesteps(spacing, T, n, steps_offset=offset)
+        assert steps[-1] == offset and (steps[:-1] - steps[1:] == T // n).all()
 
 
 def test_scheduler_tables_are_float32_copies_of_float64_math():
