@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from losses.targets import broadcast_to_sample
+from losses.targets import broadcast_to_sample, training_target
 
 from .config import DiffusionConfig
 from .schedules import (
@@ -213,8 +213,7 @@ class AdvancedScheduler:
         if noise.shape != sample.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but sample has shape "
                              f"{tuple(sample.shape)}")
-        sqrt_abar, sqrt_one_minus_abar = self._sqrt_coefficients(t, sample)
-        return sqrt_abar * noise - sqrt_one_minus_abar * sample
+        return training_target("v_prediction", sample, noise, self.alphas_cumprod_float64[t])
 
     def model_output_from(self, x0: torch.Tensor, eps: torch.Tensor, timesteps) -> torch.Tensor:
         """Express an (x0, eps) pair, each (B, ...), in this scheduler's prediction type: eps,
