@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
-from diffusion.checkpoint import MODEL_FIELDS
+from diffusion.checkpoint import MODEL_FIELDS, config_from_checkpoint
 from diffusion.config import MAX_SEED
 from diffusion.trainer import TextConditionedDenoiser
 from nets import AdvancedUNet, TextEncoder
@@ -240,7 +240,7 @@ class AdvancedDiffusionPipeline:
         if device is not None:
             device = parse_device(device)
         state = load_checkpoint_file(path)
-        config = DiffusionConfig.from_dict(state["config"])
+        config = config_from_checkpoint(state, path)
         unet, text_encoder = AdvancedUNet(config), TextEncoder.from_config(config)
         unet.load_state_dict(state["model"])
         text_encoder.load_state_dict(state["text_encoder"])
@@ -450,7 +450,6 @@ class AdvancedDiffusionPipeline:
         prompts = _prompt_list(prompt, "prompt", one_allowed=True)
         if not prompts:
             raise ValueError("prompt is an empty list; pass at least one prompt")
-        _check_negative_prompt(negative_prompt)
         self._check_num_images(num_images)
         prompts = [p for p in prompts for _ in range(num_images)]
         images = self.generate(prompts, self._seeds(len(prompts), seed, generator),
@@ -476,7 +475,6 @@ class AdvancedDiffusionPipeline:
         come from the config."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
-        _check_negative_prompt(negative_prompt)
         if isinstance(image, (str, Path)):
             image = open_image(image, "image path")
         if not isinstance(image, Image.Image):
