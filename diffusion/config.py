@@ -127,7 +127,8 @@ class DiffusionConfig:
     num_heads: int = _field(8, "Attention heads.", low=1)
     use_spatial_transformer: bool = _field(
         True, "SpatialTransformer (self + cross-attention to text) instead of plain "
-              "self-attention.")
+              "self-attention; False makes an unconditional model (prompts and guidance have "
+              "no effect, and the trainer freezes the text encoder).")
     transformer_depth: int = _field(1, "BasicTransformerBlocks per SpatialTransformer.", low=1)
     context_dim: int = _field(768, "Width of the text encoder states the UNet attends to.",
                               low=1)

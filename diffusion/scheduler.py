@@ -7,6 +7,7 @@ Coefficients come from float64 tables and are cast once to the sample's dtype.
 """
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,20 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def check_strength(strength) -> float:
+    """An image-to-image strength as a float in [0, 1]: any real number (python, numpy or a
+    one-element tensor) in range; TypeError or ValueError naming `strength` otherwise."""
+    if isinstance(strength, torch.Tensor) and strength.numel() == 1 \
+            and not (strength.dtype == torch.bool or strength.is_complex()):
+        strength = strength.item()
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"strength must be a real number in [0, 1]; got "
+                        f"{type(strength).__name__} {strength!r}")
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength={float(strength)!r} must lie in [0, 1]")
+    return float(strength)
+
+
 class AdvancedScheduler:
     """Noise schedule plus DDPM / DDIM steps for one `DiffusionConfig`.
 
@@ -131,9 +146,7 @@ class AdvancedScheduler:
         round(n * strength) steps remain; the input is noised to the first of them. strength 0
         leaves no step (the input comes back unchanged), strength 1 runs the whole list.
         """
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
-                or not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength!r} must be a number in [0, 1]")
+        strength = check_strength(strength)
         n = len(self.timesteps)
         keep = min(int(round(n * strength)), n)
         return self.timesteps[n - keep:]

@@ -61,6 +61,17 @@ REQUIRED_CHECKPOINT_KEYS = (
 )
 
 
+def check_image_range(images: torch.Tensor, name: str) -> None:
+    """Images in model space: finite and in [-1, 1] (up to IMAGE_RANGE_TOLERANCE); ValueError
+    naming `name` and the range received otherwise."""
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1 - IMAGE_RANGE_TOLERANCE or hi > 1 + IMAGE_RANGE_TOLERANCE:
+        raise ValueError(f"{name} must lie in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
+                         f"(scale [0, 1] images with x * 2 - 1)")
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised after config.max_nonfinite_steps consecutive NaN/Inf steps."""
 
@@ -127,14 +138,19 @@ def autocast_dtype(mixed_precision, device: torch.device) -> torch.dtype | None:
 
 class TextConditionedDenoiser(nn.Module):
     """The UNet and the text encoder as one module, so one optimizer, one EMA and one
-    DistributedDataParallel wrapper cover both. forward returns the UNet's prediction."""
+    DistributedDataParallel wrapper cover both. forward returns the UNet's prediction.
+    A UNet without cross-attention (use_spatial_transformer=False) is unconditional: the
+    text is not encoded, and the trainer freezes the text encoder."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.uses_text = getattr(unet, "has_cross_attention", True)
 
     def forward(self, x_t, timesteps, input_ids, attention_mask):
+        if not self.uses_text:
+            return self.unet(x_t, timesteps)["sample"]
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         context, mask = self.text_encoder(input_ids, attention_mask)  # (B, L, D), (B, L)
         return self.unet(x_t, timesteps, context, mask)["sample"]
@@ -169,6 +185,8 @@ class AdvancedDiffusionTrainer:
                              else TextEncoder.from_config(config)).to(self.device)
         self.tokenizer = self.text_encoder.tokenizer
         self.denoiser = TextConditionedDenoiser(self.model, self.text_encoder)
+        if not self.denoiser.uses_text:  # unused by an unconditional UNet: no grads, no DDP sync
+            self.text_encoder.requires_grad_(False)
         if config.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
         self.rank, self.world_size = _world()
@@ -220,12 +238,7 @@ class AdvancedDiffusionTrainer:
                              f"{getattr(images, 'shape', type(images).__name__)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"batch has {images.shape[0]} images but {len(prompts)} prompts")
-        if not torch.isfinite(images).all():
-            raise ValueError("batch['images'] contains NaN or Inf")
-        lo, hi = images.min().item(), images.max().item()
-        if lo < -1 - IMAGE_RANGE_TOLERANCE or hi > 1 + IMAGE_RANGE_TOLERANCE:
-            raise ValueError(f"batch['images'] must lie in [-1, 1]; got values in "
-                             f"[{lo:.3g}, {hi:.3g}] (scale [0, 1] images with x * 2 - 1)")
+        check_image_range(images, "batch['images']")
         return images, list(prompts)
 
     def _global_draws(self, shape: torch.Size):

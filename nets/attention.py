@@ -70,16 +70,29 @@ def sdpa_backends(backend, masked: bool):
     return kernels
 
 
+def check_mask_dtype(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """A key padding mask as bool: bool (True = real token) or 0/1 integers are accepted; a
+    float mask (e.g. an additive 0 / -inf one, which .bool() would invert) is a TypeError."""
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name} must be bool (True = real token) or 0/1 integers; got dtype "
+                        f"{mask.dtype}")
+    return mask.bool()
+
+
 def explicit_attention(q, k, v, attn_mask=None):
     """softmax(Q K^T / sqrt(d)) V written out (Vaswani et al. 2017, eq. 1).
 
     q: (B, h, N, d), k: (B, h, M, d), v: (B, h, M, d_v), attn_mask: bool broadcastable to
-    (B, h, N, M), True = attend. Returns (B, h, N, d_v).
+    (B, h, N, M), True = attend. Returns (B, h, N, d_v). The softmax runs in float32 for
+    half-precision inputs, and a query that may attend to no key gets zeros, as from SDPA.
     """
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N, M)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, h, N, d_v)
+    weights = scores.float().softmax(dim=-1)
+    if attn_mask is not None:
+        weights = weights.masked_fill(~attn_mask.any(dim=-1, keepdim=True), 0.0)
+    return weights.to(v.dtype) @ v  # (B, h, N, d_v)
 
 
 def attention(q, k, v, key_padding_mask=None, slice_size=None, backend=None):

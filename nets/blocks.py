@@ -58,7 +58,8 @@ class Dropout(nn.Module):
         levels = 2 ** DROPOUT_BITS
         drop_levels = min(round(self.p * levels), levels - 1)  # drop draws below this level
         lanes = 64 // DROPOUT_BITS
-        bits = torch.empty(-(-x.numel() // lanes), dtype=torch.int64).random_(-2 ** 63, None)
+        bits = torch.empty(-(-x.numel() // lanes), dtype=torch.int64, device=x.device)
+        bits = bits.random_(-2 ** 63, None)
         draws = bits.view(torch.int16)[:x.numel()]  # (numel,) uniform in [-2^15, 2^15)
         # lay the draws out in x's memory order (e.g. channels_last) so the product keeps it
         order = sorted(range(x.dim()), key=lambda d: -x.stride(d))

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # glibc mallopt() parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -56,6 +57,13 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 _reuse_depth = 0  # how many reuse_packed_weights() blocks are open (process-wide)
 _packed_layers = weakref.WeakSet()  # layers holding a laid-out copy, dropped on leaving
+_optimizer_hook = None  # drops every copy after any optimizer step while a block is open
+
+
+def _drop_packed_copies(*_) -> None:
+    for layer in list(_packed_layers):
+        layer._packed = None
+    _packed_layers.clear()
 
 
 @contextmanager
@@ -66,21 +74,24 @@ def reuse_packed_weights():
     For loops that run the same weights many times: `sampling.sample` wraps its sampling loop
     in it, so the pipeline, sample.py and sampling.evaluate use it. Outside a block the layers
     are plain nn.Conv2d / nn.Linear. The copies are remade when a weight changes in a way its
-    tensor records (an in-place op on the Parameter, load_state_dict, a new tensor), but an
+    tensor records (an in-place op on the Parameter, load_state_dict, a new tensor) and after
+    every torch.optim optimizer step (fused optimizers such as AdamW(fused=True), which the
+    trainer uses on the CPU, write the weights without bumping their version counters). An
     edit through `.data` (`p.data.copy_(...)`) or through another tensor sharing the storage
     bumps no version counter and is not seen: inside the block, change weights in place on
-    the Parameter (under torch.no_grad), as the EMA and the optimizers do.
+    the Parameter (under torch.no_grad), as the EMA does.
     """
-    global _reuse_depth
+    global _reuse_depth, _optimizer_hook
+    if _reuse_depth == 0:
+        _optimizer_hook = register_optimizer_step_post_hook(_drop_packed_copies)
     _reuse_depth += 1
     try:
         yield
     finally:
         _reuse_depth -= 1
         if _reuse_depth == 0:
-            for layer in list(_packed_layers):
-                layer._packed = None
-            _packed_layers.clear()
+            _optimizer_hook.remove()
+            _drop_packed_copies()
 
 
 def _mkldnn_available(op_name: str) -> bool:
@@ -94,8 +105,9 @@ class PrepackedWeight:
     on every call.
 
     The laid-out copy is kept in `_packed` until the weight changes: an in-place update on the
-    Parameter (optimizer step, EMA, load_state_dict) bumps its version counter, and a new
-    weight tensor has a new identity or storage; any of these repacks (see
+    Parameter (EMA, load_state_dict, a non-fused optimizer) bumps its version counter, a new
+    weight tensor has a new identity or storage, and any optimizer step drops every copy;
+    any of these repacks (see
     reuse_packed_weights for the edits that are not seen). Leaving the block, `train()` and
     `eval()` drop the copy, and pickling / deepcopy leave it out (oneDNN tensors cannot be
     copied). The copy costs the memory of the weight again while it is kept.

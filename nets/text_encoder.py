@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from .attention import CrossAttention, FeedForward
+from .attention import CrossAttention, FeedForward, check_mask_dtype
 
 NUM_BYTES = 256
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
@@ -41,13 +41,20 @@ class ByteTokenizer:
         """Token ids of one prompt, BOS and EOS included, unpadded."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
-        ids = list(prompt.encode("utf-8"))
+        try:
+            ids = list(prompt.encode("utf-8"))
+        except UnicodeEncodeError as err:  # a lone surrogate, e.g. from bad file decoding
+            raise ValueError(f"prompt {prompt[:40]!r} is not valid Unicode text ({err.reason} "
+                             f"at character {err.start})") from None
         room = self.max_length - 2
         if len(ids) > room:
-            warnings.warn(f"prompt of {len(ids)} UTF-8 bytes truncated to {room} "
-                          f"(max_text_length={self.max_length} minus BOS and EOS): "
-                          f"{prompt[:40]!r}...", stacklevel=3)
-            ids = ids[:room]
+            cut = room
+            while cut > 0 and ids[cut] & 0xC0 == 0x80:  # never split a character's bytes
+                cut -= 1
+            warnings.warn(f"prompt of {len(ids)} UTF-8 bytes truncated to {cut} "
+                          f"(max_text_length={self.max_length} minus BOS and EOS, at a "
+                          f"character boundary): {prompt[:40]!r}...", stacklevel=3)
+            ids = ids[:cut]
         return [BOS_ID, *ids, EOS_ID]
 
     def decode(self, ids) -> str:
@@ -68,10 +75,16 @@ class ByteTokenizer:
         return input_ids, input_ids != PAD_ID
 
 
-def check_mask_shape(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def check_attention_mask(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
+    """attention_mask as bool: a tensor of input_ids' shape, bool (True = real token) or 0/1
+    integers; TypeError or ValueError naming it otherwise."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor of the shape of input_ids; got "
+                        f"{type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids "
                          f"{tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+    return check_mask_dtype(attention_mask, "attention_mask")
 
 
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -83,7 +96,7 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     (configs/shapes.yaml: 77 -> at most 20 positions; its training step went from 230 to 208
     ms on the 2-core machine). attention_mask: (B, L) bool, True = real.
     """
-    check_mask_shape(input_ids, attention_mask)
+    attention_mask = check_attention_mask(input_ids, attention_mask)
     real = attention_mask.any(dim=0).nonzero()  # (n, 1) positions real in some row
     length = int(real[-1]) + 1 if len(real) else 1
     return input_ids[:, :length], attention_mask[:, :length]
@@ -186,8 +199,7 @@ class TextEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = input_ids != PAD_ID
         else:
-            check_mask_shape(input_ids, attention_mask)
-        attention_mask = attention_mask.bool()
+            attention_mask = check_attention_mask(input_ids, attention_mask)
         length = input_ids.shape[1]
         x = self.token_embedding(input_ids.long())  # (B, L, width)
         x = x + self.position_embedding[:length]

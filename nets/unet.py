@@ -29,6 +29,7 @@ from .attention import (
     CrossAttention,
     SpatialTransformer,
     check_backend,
+    check_mask_dtype,
     check_slice_size,
 )
 from .blocks import Downsample, Normalize, ResBlock, Upsample
@@ -379,10 +380,7 @@ class UNet(nn.Module):
                      else key_padding_mask)
             raise ValueError(f"encoder_attention_mask must have shape (B, M)=({batch}, "
                              f"{context.shape[1]}); got {shape}")
-        if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
-            raise TypeError(f"encoder_attention_mask must be bool (True = real token) or 0/1 "
-                            f"integers; got dtype {key_padding_mask.dtype}")
-        key_padding_mask = key_padding_mask.bool()
+        key_padding_mask = check_mask_dtype(key_padding_mask, "encoder_attention_mask")
         real = key_padding_mask.sum(dim=1)  # (B,)
         if bool((real == 0).any()):
             raise ValueError("encoder_attention_mask has a row with no real token (all False);"
@@ -410,6 +408,7 @@ class UNet(nn.Module):
         self._check_dtypes(sample, context)  # before the fallback below casts to fp32
         if (self.fp32_when_cpu_autocast_is_slow and isinstance(sample, torch.Tensor)
                 and sample.device.type == "cpu"
+                and self.conv_in.weight.dtype == torch.float32  # a bf16 model runs as it is
                 and torch.is_autocast_enabled("cpu")
                 and not cpu_has_fast_low_precision(torch.get_autocast_dtype("cpu"))):
             warnings.warn(
@@ -476,6 +475,12 @@ class AdvancedUNet(nn.Module):
             self.unet.enable_xformers_memory_efficient_attention()
         if config.compile:
             self.unet.compile()
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """Whether the network reads text (use_spatial_transformer=True); without it the model
+        is unconditional and takes no encoder_hidden_states."""
+        return self.unet.has_cross_attention
 
     @torch.no_grad()
     def _init_weights(self) -> None:

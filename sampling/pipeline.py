@@ -15,9 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
-from diffusion.checkpoint import MODEL_FIELDS, config_from_checkpoint
+from diffusion.checkpoint import MODEL_FIELDS, CheckpointError, config_from_checkpoint
 from diffusion.config import MAX_SEED
-from diffusion.trainer import TextConditionedDenoiser
+from diffusion.scheduler import check_strength
+from diffusion.trainer import TextConditionedDenoiser, check_image_range
 from nets import AdvancedUNet, TextEncoder
 
 from .samplers import check_sampler, guided_model_fn, sample
@@ -26,6 +27,7 @@ CAPTION_HEIGHT = 12  # pixels of caption text under each grid cell
 GRID_PAD = 2
 CAPTION_WIDTH = 96  # room for about 16 characters of the default PIL font
 DEFAULT_STRENGTH = 0.8  # image-to-image: the guide's generate_variations example
+PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # channels -> PIL mode
 
 
 def add_device_argument(parser) -> None:
@@ -145,12 +147,21 @@ def _check_generator(generator) -> None:
                         f"{type(generator).__name__}")
 
 
-def _config_differences(config: DiffusionConfig, unet, text_encoder) -> list[str]:
-    """The MODEL_FIELDS on which the modules were built differently from `config`: the UNet's
-    own config (AdvancedUNet keeps it), and the text encoder's sizes (TextEncoder)."""
+# The fields a scheduler must share with the model it samples: the noise schedule and what the
+# network predicts. Its sampling settings (spacing, clipping, sampler) may differ on purpose.
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                   "prediction_type", "rescale_betas_zero_snr")
+
+
+def _config_differences(config: DiffusionConfig, unet, text_encoder, scheduler) -> list[str]:
+    """The fields on which the modules were built differently from `config`: the UNet's
+    MODEL_FIELDS and the scheduler's SCHEDULE_FIELDS (AdvancedUNet and AdvancedScheduler keep
+    their configs), and the text encoder's sizes (TextEncoder)."""
     built = {}
-    if isinstance(getattr(unet, "config", None), DiffusionConfig):
-        built["unet"] = {name: getattr(unet.config, name) for name in MODEL_FIELDS}
+    for module, part, names in (("unet", unet, MODEL_FIELDS),
+                                ("scheduler", scheduler, SCHEDULE_FIELDS)):
+        if isinstance(getattr(part, "config", None), DiffusionConfig):
+            built[module] = {name: getattr(part.config, name) for name in names}
     if isinstance(text_encoder, TextEncoder):
         built["text_encoder"] = {
             "context_dim": text_encoder.context_dim,
@@ -167,15 +178,26 @@ def decode_latents(latents: torch.Tensor) -> torch.Tensor:
     return ((latents.float() + 1) / 2).clamp(0, 1)
 
 
+def check_pil_channels(channels: int) -> None:
+    """PIL images have 1 to 4 channels (L, LA, RGB, RGBA); ValueError naming in_channels."""
+    if channels not in PIL_MODES:
+        raise ValueError(f"in_channels={channels} images cannot be PIL images (allowed: 1 to "
+                         f"4 channels, {'/'.join(PIL_MODES.values())}); use "
+                         f"AdvancedDiffusionPipeline.generate for tensors")
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """(C, H, W) in [0, 1] -> a PIL image (RGB, or L for one channel)."""
+    """(C, H, W) in [0, 1] -> a PIL image: L, LA, RGB or RGBA for 1 to 4 channels."""
+    check_pil_channels(image.shape[0])
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array[..., :3])
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array,
+                           mode=PIL_MODES[array.shape[2]])
 
 
 def from_pil(image: Image.Image, channels: int) -> torch.Tensor:
-    """A PIL image -> (1, channels, H, W) in [-1, 1]."""
-    image = image.convert("L" if channels == 1 else "RGB")
+    """A PIL image -> (1, channels, H, W) in [-1, 1], converted to L, LA, RGB or RGBA."""
+    check_pil_channels(channels)
+    image = image.convert(PIL_MODES[channels])
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     x = x.reshape(image.height, image.width, channels).permute(2, 0, 1)  # (C, H, W)
     return (x.float() / 255 * 2 - 1).unsqueeze(0)
@@ -211,10 +233,10 @@ class AdvancedDiffusionPipeline:
         if not isinstance(config, DiffusionConfig):
             raise TypeError(f"config must be a DiffusionConfig; got {type(config).__name__}")
         config.validate()
-        differences = _config_differences(config, unet, text_encoder)
+        differences = _config_differences(config, unet, text_encoder, scheduler)
         if differences:
-            raise ValueError("the unet or text_encoder was built with another config than "
-                             "the pipeline's: " + "; ".join(differences)
+            raise ValueError("the unet, text_encoder or scheduler was built with another "
+                             "config than the pipeline's: " + "; ".join(differences)
                              + "; pass the config they were built with")
         self.config = config
         self.unet = unet if unet is not None else AdvancedUNet(config)
@@ -244,11 +266,21 @@ class AdvancedDiffusionPipeline:
         unet, text_encoder = AdvancedUNet(config), TextEncoder.from_config(config)
         unet.load_state_dict(state["model"])
         text_encoder.load_state_dict(state["text_encoder"])
-        if use_ema and state.get("ema") is not None:
-            both = TextConditionedDenoiser(unet, text_encoder)  # the EMA's parameter names
+        if use_ema and state.get("ema") is None:
+            warnings.warn(f"{path}: the checkpoint has no EMA weights (trained with "
+                          f"use_ema=false); using the trained weights", stacklevel=2)
+        elif use_ema:
+            # The EMA covers the trainable parameters (named as in TextConditionedDenoiser);
+            # frozen ones, e.g. an unconditional UNet's text encoder, keep the loaded weights.
+            params = dict(TextConditionedDenoiser(unet, text_encoder).named_parameters())
+            shadow = state["ema"]["shadow"]
+            unknown = sorted(shadow.keys() - params.keys())
+            if unknown:
+                raise CheckpointError(f"{path}: the EMA holds parameters this model lacks, "
+                                      f"e.g. {unknown[:3]}")
             with torch.no_grad():
-                for name, p in both.named_parameters():
-                    p.copy_(state["ema"]["shadow"][name])
+                for name, value in shadow.items():
+                    params[name].copy_(value)
         return cls(config, unet, text_encoder, device=device)
 
     # ---- memory toggles ----
@@ -259,7 +291,8 @@ class AdvancedDiffusionPipeline:
             warnings.warn(message, stacklevel=3)
 
     def enable_attention_slicing(self, slice_size="auto") -> None:
-        """Compute attention in slices of heads to cap memory (same numbers as unsliced)."""
+        """Compute attention in slices of queries to cap memory (the same numbers as unsliced
+        up to float rounding)."""
         self.unet.enable_attention_slicing(slice_size)
 
     def enable_vae_slicing(self) -> None:
@@ -349,9 +382,10 @@ class AdvancedDiffusionPipeline:
         remain and denoised from there.
         """
         cfg = self.config
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
-                or not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength!r} must be a number in [0, 1]")
+        strength = check_strength(strength)
+        if init_images is None and strength != 1:
+            raise ValueError(f"strength={strength} is for image-to-image; pass init_images "
+                             f"(or leave strength at 1)")
         prompts = _prompt_list(prompts, "prompts", one_allowed=False)
         if len(prompts) == 0:
             raise ValueError("prompts is empty; pass at least one prompt (and one seed each)")
@@ -367,7 +401,7 @@ class AdvancedDiffusionPipeline:
         self._check_size(height, width)
         shape = (len(prompts), cfg.in_channels, height, width)
         if init_images is not None:
-            self._check_init_images(init_images, shape)
+            init_images = self._check_init_images(init_images, shape)
         resolved = self.settings(num_inference_steps, guidance_scale, sampler, eta,
                                  guidance_rescale)
         num_inference_steps = resolved["num_inference_steps"]
@@ -381,15 +415,21 @@ class AdvancedDiffusionPipeline:
             if len(timesteps) == 0:
                 return decode_latents(init_images)
             x_T = self.scheduler.add_noise(init_images.to(self.device), timesteps[0], noise=x_T)
-        cond, uncond = self._encode(prompts, [negative_prompt or ""] * len(prompts))
         unet = self._on_device(self.unet)
 
-        def denoise(x, t, context, mask):
+        def denoise(x, t, context=None, mask=None):
             return unet(x, t, context, mask)["sample"].float()
 
-        model_fn = guided_model_fn(denoise, cond, uncond, resolved["guidance_scale"],
-                                   guidance_rescale=resolved["guidance_rescale"],
-                                   batched=self._batched_guidance)
+        if self.unet.has_cross_attention:
+            cond, uncond = self._encode(prompts, [negative_prompt or ""] * len(prompts))
+            model_fn = guided_model_fn(denoise, cond, uncond, resolved["guidance_scale"],
+                                       guidance_rescale=resolved["guidance_rescale"],
+                                       batched=self._batched_guidance)
+        else:  # unconditional: the prompts only label the images, guidance would be a no-op
+            self._say_once("unconditional", "this UNet has no cross-attention "
+                           "(use_spatial_transformer=False): it is unconditional, so prompts, "
+                           "negative_prompt and guidance_scale do not change the images")
+            model_fn = denoise
         x0 = sample(model_fn, self.scheduler, x_T, sampler=sampler,
                     num_inference_steps=num_inference_steps, eta=resolved["eta"],
                     generator=generators, callback=callback, timesteps=timesteps)
@@ -397,16 +437,21 @@ class AdvancedDiffusionPipeline:
         return decode_latents(x0)
 
     @staticmethod
-    def _check_init_images(init_images, shape: tuple[int, int, int, int]) -> None:
-        """init_images must be one (in_channels, height, width) image per prompt: `shape`."""
-        if not isinstance(init_images, torch.Tensor):
-            raise TypeError(f"init_images must be a tensor of shape {shape}; got "
-                            f"{type(init_images).__name__}")
+    def _check_init_images(init_images, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """init_images must be one (in_channels, height, width) image per prompt (`shape`),
+        floating point, finite and in [-1, 1]; returned as float32."""
+        if not isinstance(init_images, torch.Tensor) or not init_images.is_floating_point():
+            got = (f"a tensor of dtype {init_images.dtype}"
+                   if isinstance(init_images, torch.Tensor) else type(init_images).__name__)
+            raise TypeError(f"init_images must be a floating-point tensor of shape {shape} in "
+                            f"[-1, 1]; got {got} (scale uint8 images with x / 127.5 - 1)")
         if tuple(init_images.shape) != shape:
             raise ValueError(
                 f"init_images has shape {tuple(init_images.shape)}; expected {shape}: one "
                 f"(in_channels={shape[1]}, height={shape[2]}, width={shape[3]}) image per "
                 f"prompt, {shape[0]} prompts")
+        check_image_range(init_images, "init_images")
+        return init_images.float()
 
     @staticmethod
     def _check_num_images(num_images: int) -> None:
@@ -447,6 +492,7 @@ class AdvancedDiffusionPipeline:
         same images generated one by one. Settings left None come from the config (the
         guide's defaults are 50 steps, guidance 7.5).
         """
+        check_pil_channels(self.config.in_channels)
         prompts = _prompt_list(prompt, "prompt", one_allowed=True)
         if not prompts:
             raise ValueError("prompt is an empty list; pass at least one prompt")
@@ -473,6 +519,7 @@ class AdvancedDiffusionPipeline:
         strength 1 is plain text-to-image. prompt and negative_prompt: one str each (None for
         no negative prompt); seed and generator as in `generate_image`. Settings left None
         come from the config."""
+        check_pil_channels(self.config.in_channels)
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
         if isinstance(image, (str, Path)):

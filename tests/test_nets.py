@@ -611,18 +611,16 @@ def record_conv_out_formats(model):
     return formats
 
 
-def test_channels_last_matches_contiguous(monkeypatch):
+def test_channels_last_matches_contiguous():
     """Inference: a channels_last model and input against the same model run contiguous all
-    the way through (without turning UNet.channels_last_cpu_inference off, the reference would
-    switch to channels_last inside too and the test would compare the format with itself)."""
+    the way through. Outside reuse_packed_weights() the UNet keeps its input's memory format
+    (channels_last_cpu_inference acts only inside the block, see tests/test_cpu.py)."""
     model = build(attention_resolutions=(16, 8))
     randomize(model)
     x, t, context = inputs(model.config)
     formats = record_conv_out_formats(model)
     with torch.no_grad():
-        with monkeypatch.context() as patch:
-            patch.setattr(UNet, "channels_last_cpu_inference", False)
-            ref = run(model, x, t, context)
+        ref = run(model, x, t, context)
         model.to(memory_format=torch.channels_last)
         out = run(model, x.contiguous(memory_format=torch.channels_last), t, context)
     assert formats == ["contiguous", "channels_last"]
@@ -672,6 +670,43 @@ def test_bf16_autocast_close_to_fp32(force_low_precision):
         assert 1e-5 < rel < 0.05, rel
 
 
+def test_a_bf16_model_runs_under_cpu_autocast():
+    """The fp32 fallback for emulated bf16 cast the sample to fp32 but not the parameters, so a
+    model converted to bf16 failed inside its first conv; it now runs as it is."""
+    model = build(attention_resolutions=(8,))
+    randomize(model, seed=4)
+    x, t, context = inputs(model.config)
+    with torch.no_grad():
+        ref = run(model, x, t, context)
+        model.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(model, x.bfloat16(), t, context.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
+
+
+def test_dropout_draws_on_the_input_device():
+    """The random bits were drawn on the default device, so a CPU input under another default
+    device (AdvancedUNet builds on torch.get_default_device()) failed."""
+    x = torch.ones(4, 8)
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        y = Dropout(0.5).train()(x)
+    assert y.device.type == "cpu" and set(y.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_explicit_attention_gives_zeros_where_no_key_may_be_attended():
+    """As SDPA does (it gave NaN); and its softmax runs in float32 for bf16 inputs."""
+    q, k, v = (torch.randn(2, 1, 3, 4, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    mask = torch.tensor([[True, True, False], [False, False, False]])[:, None, None]
+    out = explicit_attention(q, k, v, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[0], F.scaled_dot_product_attention(q, k, v, mask)[0])
+    bf16 = explicit_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    torch.testing.assert_close(bf16.float(), out, atol=0.02, rtol=0.02)
+
+
 def test_dropout_statistics_and_reproducibility():
     drop = Dropout(0.25).train()
     x = torch.ones(64, 8, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -704,6 +739,34 @@ def test_text_encoder_shapes_mask_and_unconditional_prompt():
     with pytest.warns(UserWarning, match="truncated"):
         ids, mask = encoder.tokenizer("x" * 20)
     assert mask.all() and ids[0, -1] == encoder.tokenizer.eos_id
+
+
+def test_truncation_keeps_whole_characters_and_bad_text_is_named():
+    """Truncating at max_length - 2 bytes cut a two-byte character in half ('\u00e9\u00e9\ufffd');
+    a lone surrogate was a bare UnicodeEncodeError."""
+    tokenizer = ByteTokenizer(max_length=7)  # 5 bytes of room
+    with pytest.warns(UserWarning, match=r"6 UTF-8 bytes truncated to 4 \(max_text_length=7 "):
+        ids = tokenizer.encode("\u00e9\u00e9\u00e9")  # 3 x 2 bytes
+    assert ids[1:-1] == list("\u00e9\u00e9".encode()) and tokenizer.decode(ids) == "\u00e9\u00e9"
+    with pytest.warns(UserWarning, match=r"truncated to 5"):  # ASCII: cut at the room
+        assert len(tokenizer.encode("abcdefg")) == 7
+    with pytest.warns(UserWarning, match=r"truncated to 3"):  # 'x' + a 4-byte emoji + ...
+        assert tokenizer.decode(tokenizer.encode("xyz\U0001F600")) == "xyz"
+    with pytest.raises(ValueError, match=r"prompt 'a\\udc80' is not valid Unicode text"):
+        tokenizer.encode("a\udc80")
+
+
+def test_text_encoder_refuses_float_and_non_tensor_masks():
+    """A float mask (e.g. an additive 0 / -inf one) was read with .bool(), which inverts it."""
+    encoder = TextEncoder(context_dim=16, width=32, num_layers=1, max_length=10)
+    ids, mask = encoder.tokenizer(["hi", "there"])
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    with pytest.raises(TypeError, match=r"attention_mask must be bool \(True = real token\) "
+                                        r"or 0/1 integers; got dtype torch.float32"):
+        encoder(ids, additive)
+    with pytest.raises(TypeError, match=r"attention_mask must be a tensor.*got list"):
+        encoder(ids, mask.tolist())
+    torch.testing.assert_close(encoder(ids, mask.long())[0], encoder(ids, mask)[0])
 
 
 def test_text_encoder_ignores_padding_ids():

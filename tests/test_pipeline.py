@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config
@@ -14,12 +15,12 @@ from PIL import Image
 import sample as sample_script
 import sampling.evaluate as evaluate_script
 import sampling.pipeline as pipeline_module
-from diffusion import CheckpointError
+from diffusion import AdvancedDiffusionTrainer, AdvancedScheduler, CheckpointError
 from diffusion.config import MAX_SEED
 from nets import AdvancedUNet, TextEncoder
 from sampling import AdvancedDiffusionPipeline, guided_model_fn, to_pil
 from sampling.evaluate import sample_all_captions
-from sampling.pipeline import parse_device
+from sampling.pipeline import from_pil, parse_device
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -263,7 +264,7 @@ def test_memory_toggles_give_the_same_images():
     (dict(num_inference_steps=1001), r"num_inference_steps=1001"),
     (dict(sampler="heun"), r"sampler='heun' is not one of \['ddpm', 'ddim'"),
     (dict(init_images=torch.zeros(1, 3, 16, 16), strength=1.5),
-     r"strength=1.5 must be a number in \[0, 1\]"),
+     r"strength=1.5 must lie in \[0, 1\]"),
 ])
 def test_bad_generation_arguments(pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -300,7 +301,13 @@ def test_per_call_settings_are_validated_like_the_config(pipeline, kwargs, error
      r"init_images has shape \(3, 16, 16\); expected \(1, 3, 16, 16\)"),
     (["a red circle"], torch.zeros(1, 1, 16, 16), {},
      r"init_images has shape \(1, 1, 16, 16\); expected \(1, 3, 16, 16\)"),
-    ([], None, {}, r"prompts is empty; pass at least one prompt"),
+    ([], None, dict(strength=1.0), r"prompts is empty; pass at least one prompt"),
+    (["a red circle"], None, {},
+     r"strength=0.5 is for image-to-image; pass init_images \(or leave strength at 1\)"),
+    (["a red circle"], torch.full((1, 3, 16, 16), float("nan")), {},
+     r"init_images contains NaN or Inf"),
+    (["a red circle"], torch.full((1, 3, 16, 16), 255.0), {},  # a [0, 255] image
+     r"init_images must lie in \[-1, 1\]; got values in \[255, 255\]"),
 ])
 def test_bad_init_images_and_prompts(pipeline, prompts, init, kwargs, message):
     kwargs = {"strength": 0.5, **kwargs}
@@ -311,9 +318,11 @@ def test_bad_init_images_and_prompts(pipeline, prompts, init, kwargs, message):
 def test_documented_pipeline_errors(pipeline, tmp_path):
     with pytest.raises(TypeError, match=r"config must be a DiffusionConfig; got dict"):
         AdvancedDiffusionPipeline({"sample_size": 16})
-    with pytest.raises(TypeError, match=r"init_images must be a tensor of shape "
-                                        r"\(1, 3, 16, 16\); got list"):
-        images_of(pipeline, ["a red circle"], [0], init_images=[[0.0]], strength=0.5)
+    for init, got in (([[0.0]], "list"), (torch.zeros(1, 3, 16, 16, dtype=torch.uint8),
+                                          "a tensor of dtype torch.uint8")):
+        with pytest.raises(TypeError, match=r"init_images must be a floating-point tensor of "
+                                            rf"shape \(1, 3, 16, 16\) in \[-1, 1\]; got {got}"):
+            images_of(pipeline, ["a red circle"], [0], init_images=init, strength=0.5)
     with pytest.raises(ValueError, match=r"got 2 prompts but 1 seeds"):
         images_of(pipeline, ["a red circle", "a blue square"], [0])
     missing = tmp_path / "missing.png"
@@ -405,10 +414,12 @@ def test_guidance_rescale_is_a_per_call_setting_of_every_method(pipeline):
 
 def test_pipeline_refuses_modules_built_from_another_config():
     """A UNet or text encoder of another config failed at the first forward with an error
-    about encoder_hidden_states; the pipeline now names the fields that differ."""
+    about encoder_hidden_states, and a scheduler of another config sampled a v-prediction
+    model as epsilon; the pipeline now names the fields that differ."""
     config = tiny_config()
-    with pytest.raises(ValueError, match=r"the unet or text_encoder was built with another "
-                                         r"config than the pipeline's: context_dim: unet 16 vs "
+    with pytest.raises(ValueError, match=r"the unet, text_encoder or scheduler was built with "
+                                         r"another config than the pipeline's: context_dim: "
+                                         r"unet 16 vs "
                                          r"config 32; pass the config they were built with"):
         AdvancedDiffusionPipeline(config, unet=AdvancedUNet(tiny_config(context_dim=16)))
     with pytest.raises(ValueError, match=r"model_channels: unet 32 vs config 16; "
@@ -420,7 +431,15 @@ def test_pipeline_refuses_modules_built_from_another_config():
     with pytest.raises(ValueError, match=r"text_encoder_layers: text_encoder 2 vs config 1; "
                                          r"max_text_length: text_encoder 40 vs config 77"):
         AdvancedDiffusionPipeline(config, text_encoder=other_text)
-    AdvancedDiffusionPipeline(config, AdvancedUNet(config), TextEncoder.from_config(config))
+    other_scheduler = AdvancedScheduler(tiny_config(prediction_type="v_prediction",
+                                                    num_train_timesteps=50))
+    with pytest.raises(ValueError, match=r"num_train_timesteps: scheduler 50 vs config 1000.*"
+                                         r"prediction_type: scheduler 'v_prediction' vs "
+                                         r"config 'epsilon'"):
+        AdvancedDiffusionPipeline(config, scheduler=other_scheduler)
+    AdvancedDiffusionPipeline(config, AdvancedUNet(config), TextEncoder.from_config(config),
+                              AdvancedScheduler(config.with_overrides({"sampler": "ddpm",
+                                                                       "clip_sample": False})))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -456,6 +475,81 @@ def test_from_checkpoint_errors(tmp_path):
     (tmp_path / "notes.pt").write_text("hello")
     with pytest.raises(CheckpointError, match="truncated, corrupt or not a plain-tensor"):
         AdvancedDiffusionPipeline.from_checkpoint(tmp_path / "notes.pt")
+
+
+def test_an_unconditional_unet_trains_saves_and_samples(tmp_path):
+    """use_spatial_transformer=False builds a UNet without cross-attention. The trainer and
+    the pipeline passed it text states anyway, and both failed at the first step; now the
+    trainer freezes the unused text encoder (so the EMA skips it too) and the pipeline samples
+    without text, saying once that prompts and guidance have no effect."""
+    config = tiny_config(use_spatial_transformer=False, use_ema=True, ema_decay=0.5)
+    torch.manual_seed(0)
+    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config)
+    text_before = [p.clone() for p in trainer.text_encoder.parameters()]
+    unet_before = [p.clone() for p in trainer.model.parameters()]
+    batch = {"images": torch.rand(2, 3, 16, 16) * 2 - 1, "prompts": ["a red circle", ""]}
+    for _ in range(2):
+        assert torch.isfinite(torch.tensor(trainer.train_step(batch)["loss"]))
+    assert not any(p.requires_grad for p in trainer.text_encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(text_before, trainer.text_encoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(unet_before, trainer.model.parameters()))
+    path = trainer.save_checkpoint(tmp_path / "uncond.pt")
+    pipe = AdvancedDiffusionPipeline.from_checkpoint(path)  # EMA weights (no text encoder)
+    shadow = trainer.ema.shadow["unet.unet.conv_in.weight"]
+    assert torch.equal(dict(pipe.unet.named_parameters())["unet.conv_in.weight"], shadow)
+    with pytest.warns(UserWarning, match=r"no cross-attention \(use_spatial_transformer=False\)"
+                                         r": it is unconditional"):
+        images = pipe.generate(["a red circle", "a blue square"], [5, 5], guidance_scale=3.0,
+                               num_inference_steps=2)
+    assert torch.equal(images[0], images[1])  # same seed: the prompt changes nothing
+
+
+def test_from_checkpoint_without_ema_weights_warns(tmp_path):
+    config = tiny_config(use_ema=False)
+    path = AdvancedDiffusionTrainer(AdvancedUNet(config), config).save_checkpoint(
+        tmp_path / "no_ema.pt")
+    with pytest.warns(UserWarning, match=r"no_ema.pt: the checkpoint has no EMA weights"):
+        AdvancedDiffusionPipeline.from_checkpoint(path)
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")])
+def test_images_of_one_to_four_channels_are_pil_images(channels, mode):
+    """2- and 4-channel models used to fail in generate_variations with a reshape error and
+    lose their last channel in generate_image; they map to LA and RGBA now."""
+    x = torch.rand(channels, 3, 5, generator=torch.Generator().manual_seed(channels))
+    image = to_pil(x)
+    assert image.mode == mode and image.size == (5, 3)
+    expected = (x * 255).round() / 255 * 2 - 1
+    torch.testing.assert_close(from_pil(image, channels), expected[None], atol=1e-6, rtol=0)
+    config = tiny_config(in_channels=channels, out_channels=channels)
+    pipe = AdvancedDiffusionPipeline(config)
+    out = pipe.generate_variations(image.resize((16, 16)), "a red circle", strength=0.5,
+                                   num_inference_steps=2, seed=0)
+    assert out.mode == mode and out.size == (16, 16)
+
+
+def test_more_than_four_channels_are_not_pil_images():
+    pipe = AdvancedDiffusionPipeline(tiny_config(in_channels=5, out_channels=5))
+    message = r"in_channels=5 images cannot be PIL images \(allowed: 1 to 4 channels"
+    with pytest.raises(ValueError, match=message):
+        pipe.generate_image("a red circle", num_inference_steps=1, seed=0)
+    with pytest.raises(ValueError, match=message):
+        pipe.generate_variations(Image.new("RGB", (16, 16)), "a red circle", seed=0)
+    assert pipe.generate(["a red circle"], [0], num_inference_steps=1).shape == (1, 5, 16, 16)
+
+
+def test_strength_accepts_any_real_number(pipeline):
+    """numpy and one-element tensor strengths were refused as 'not a number in [0, 1]'."""
+    init = torch.zeros(1, 3, 16, 16)
+    expected = images_of(pipeline, ["a red circle"], [0], init_images=init, strength=0.5)
+    for strength in (np.float32(0.5), torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64)):
+        torch.testing.assert_close(images_of(pipeline, ["a red circle"], [0], init_images=init,
+                                             strength=strength), expected, atol=0, rtol=0)
+    for strength in ("0.5", None, torch.tensor([0.5, 0.5])):
+        with pytest.raises(TypeError, match=r"strength must be a real number in \[0, 1\]"):
+            images_of(pipeline, ["a red circle"], [0], init_images=init, strength=strength)
+    with pytest.raises(ValueError, match=r"strength=nan must lie in \[0, 1\]"):
+        images_of(pipeline, ["a red circle"], [0], init_images=init, strength=float("nan"))
 
 
 # ---- sample.py on a trained checkpoint ----

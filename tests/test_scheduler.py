@@ -496,8 +496,8 @@ def test_img2img_timesteps():
      r"timesteps must lie in \[0, 999\]"),
     (lambda s: s.set_timesteps(0), ValueError, r"num_inference_steps=0"),
     (lambda s: s.set_timesteps(1001), ValueError, r"num_inference_steps=1001"),
-    (lambda s: s.img2img_timesteps(1.5), ValueError, r"strength=1.5 must be a number in"),
-    (lambda s: s.img2img_timesteps(-0.1), ValueError, r"strength=-0.1 must be a number in"),
+    (lambda s: s.img2img_timesteps(1.5), ValueError, r"strength=1.5 must lie in \[0, 1\]"),
+    (lambda s: s.img2img_timesteps(-0.1), ValueError, r"strength=-0.1 must lie in \[0, 1\]"),
 ])
 def test_errors(call, error, message):
     sched = make()
