@@ -18,7 +18,7 @@ from helpers import randomize
 from torch import nn
 
 from diffusion import DiffusionConfig
-from nets import AdvancedUNet, Conv2d, Linear, reuse_packed_weights
+from nets import AdvancedUNet, Conv2d, Linear, UNet, reuse_packed_weights
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="the prepacked path needs oneDNN (mkldnn)")
@@ -150,6 +150,29 @@ def test_copies_live_only_inside_the_block(kind):
 
 
 @pytest.mark.parametrize("kind", LAYERS)
+def test_new_parameter_on_the_same_storage_and_moved_views_repack(kind):
+    """Identity and data pointer each catch a change the other checks miss."""
+    torch.manual_seed(0)
+    layer, x = LAYERS[kind]()
+    with torch.no_grad(), reuse_packed_weights():
+        layer(x)
+        packed_version = layer.weight._version
+        new = nn.Parameter(layer.weight.data)  # same storage, a version counter of its own
+        layer.weight = new
+        new.mul_(-2.0)
+        while new._version < packed_version:  # same storage, pointer, version: only identity
+            new.mul_(1.0)
+        assert new._version == packed_version
+        assert rel_err(layer(x), reference(layer, x)) < 1e-5
+        n = layer.weight.numel()
+        flat = torch.randn(2 * n)  # two weights as views of one buffer: same storage
+        layer.weight.data = flat[:n].view(layer.weight.shape)
+        assert rel_err(layer(x), reference(layer, x)) < 1e-5
+        layer.weight.data = flat[n:].view(layer.weight.shape)  # only the pointer moves
+        assert rel_err(layer(x), reference(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", LAYERS)
 def test_training_and_autograd_use_the_plain_layer(kind):
     torch.manual_seed(0)
     layer, x = LAYERS[kind]()
@@ -172,12 +195,31 @@ def test_switch_off_and_other_dtypes(kind, monkeypatch):
     monkeypatch.setattr(type(layer), "prepack_for_inference", False)
     with torch.no_grad(), reuse_packed_weights():
         layer(x)
-    assert layer._packed is None
+        assert layer._packed is None  # inside the block: leaving it drops copies anyway
     monkeypatch.setattr(type(layer), "prepack_for_inference", True)
     layer = layer.double()
     with torch.no_grad(), reuse_packed_weights():
         out = layer(x.double())
-    assert layer._packed is None and out.dtype == torch.float64
+        assert layer._packed is None and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_autocast_inside_the_block_uses_the_plain_layer(kind):
+    """Under CPU autocast the layers compute in bfloat16 as nn.Conv2d / nn.Linear do."""
+    layer, x = LAYERS[kind]()
+    with torch.no_grad(), reuse_packed_weights(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert layer._packed is None and out.dtype == torch.bfloat16
+
+
+def test_packed_convolution_of_a_one_channel_input_stays_contiguous():
+    """(B, 1, H, W) is contiguous in both formats: the output is F.conv2d's, contiguous."""
+    conv = Conv2d(1, 4, 3, padding=1)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad(), reuse_packed_weights():
+        out = conv(x)
+        assert conv._packed is not None
+    assert out.is_contiguous() and rel_err(out, reference(conv, x)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -223,6 +265,20 @@ def test_unet_inference_same_with_and_without_prepacking(monkeypatch):
     assert not model.unet._runs_channels_last(x)  # autograd on: never
     with torch.no_grad():
         assert not model.unet._runs_channels_last(x)  # outside the block: never
+
+
+def test_unet_runs_channels_last_inside_the_block_unless_switched_off(monkeypatch):
+    """Inside reuse_packed_weights() the activations are channels_last (conv_out sees them so)
+    for a contiguous input; UNet.channels_last_cpu_inference = False keeps them contiguous."""
+    model, x, context = small_unet(8, 16)
+    formats = []
+    model.unet.conv_out.register_forward_pre_hook(
+        lambda module, args: formats.append(args[0].is_contiguous()))
+    with torch.no_grad(), reuse_packed_weights():
+        model(x, 10, context)
+        monkeypatch.setattr(UNet, "channels_last_cpu_inference", False)
+        model(x, 10, context)
+    assert formats == [False, True]
 
 
 def test_sampling_loop_reuses_the_packed_weights():

@@ -26,6 +26,7 @@ from diffusion.data import (
     draw_shape,
     parse_caption,
     shapes_adherence,
+    unit_float_image,
 )
 
 N_CAPTIONS = len(SHAPE_COLOURS) * len(SHAPES)
@@ -297,6 +298,52 @@ def test_folder_resizes_shorter_side_and_crops_the_centre(tmp_path, size):
     assert torch.all(second[2] > 0.5) and torch.all(second[0] < -0.5)  # blue half
 
 
+@pytest.mark.parametrize("wide", [True, False])
+def test_folder_crops_the_long_side_instead_of_squashing(tmp_path, wide):
+    """Shorter side already sample_size: no resampling, the item is exactly the centre square."""
+    pixels = np.zeros((16, 48, 3), dtype=np.uint8)  # (H, W, 3): green ends, red + blue middle
+    pixels[:, :8], pixels[:, 40:] = (0, 255, 0), (0, 255, 0)
+    pixels[:, 8:24], pixels[:, 24:40] = (255, 0, 0), (0, 0, 255)
+    if not wide:
+        pixels = pixels.transpose(1, 0, 2).copy()  # (48, 16, 3): the same bands top to bottom
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("x")
+    centre = pixels[:, 16:32] if wide else pixels[16:32]
+    expected = torch.from_numpy(centre).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(ImageFolderDataset(tmp_path, sample_size=16)[0]["image"], expected)
+
+
+def test_folder_downscaling_filters_instead_of_picking_pixels(tmp_path):
+    """1-px black/white stripes shrunk 4x average to mid-grey (nearest-pixel would alias)."""
+    stripes = np.zeros((32, 32), dtype=np.uint8)
+    stripes[:, ::2] = 255
+    Image.fromarray(stripes).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("x")
+    image = ImageFolderDataset(tmp_path, sample_size=8)[0]["image"]
+    assert image.shape == (3, 8, 8) and image.abs().max() < 0.1
+
+
+def test_folder_applies_the_exif_orientation(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (rotate 90 CW) is loaded upright."""
+    stored = Image.new("RGB", (32, 16), (255, 0, 0))
+    stored.paste((0, 0, 255), (16, 0, 32, 16))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "a.jpg", exif=exif, quality=95)
+    (tmp_path / "a.txt").write_text("x")
+    pixels = ImageFolderDataset(tmp_path, sample_size=8)[0]["image"]  # upright: red top
+    assert torch.all(pixels[0, :4] > 0.5) and torch.all(pixels[2, :4] < -0.5)
+    assert torch.all(pixels[2, 4:] > 0.5) and torch.all(pixels[0, 4:] < -0.5)
+
+
+def test_folder_finds_upper_case_extensions(tmp_path):
+    """Camera files are often named IMG_0001.JPG: extensions match in any case."""
+    for name in ("a.PNG", "b.JPG", "c.Jpeg", "d.WebP"):
+        solid((10, 20, 30)).save(tmp_path / name)
+    with pytest.warns(UserWarning, match="4 of 4 images"):
+        assert len(ImageFolderDataset(tmp_path, sample_size=8)) == 4
+
+
 def test_folder_flips_deterministic_per_seed_epoch_index(tmp_path):
     for i in range(12):
         image = Image.new("RGB", (8, 8), (0, 0, 0))
@@ -321,6 +368,37 @@ def test_folder_flips_deterministic_per_seed_epoch_index(tmp_path):
     assert pattern[0] != pattern[1] or pattern[1] != pattern[2]
     assert 0 < sum(sum(p) for p in pattern.values()) < 36
     assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_folder_flip_rate_is_one_half_and_no_flips_without_random_flip(tmp_path):
+    """200 (epoch, index) draws flip 100 +- 4 sd (72..128) times; random_flip=False: none."""
+    pixels = np.zeros((4, 4), dtype=np.uint8)
+    pixels[:, :2] = 255  # white left half: a flip shows
+    for i in range(40):
+        Image.fromarray(pixels).save(tmp_path / f"{i:02d}.png")
+        (tmp_path / f"{i:02d}.txt").write_text("half")
+    upright = torch.from_numpy(pixels).float().div(127.5).sub(1).expand(3, 4, 4)
+    flipping = ImageFolderDataset(tmp_path, sample_size=4, random_flip=True, seed=1)
+    plain = ImageFolderDataset(tmp_path, sample_size=4, random_flip=False, seed=1)
+    flips = 0
+    for epoch in range(5):
+        flipping.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(40):
+            flips += not torch.equal(flipping[i]["image"], upright)
+            assert torch.equal(plain[i]["image"], upright)
+    assert 72 <= flips <= 128, flips
+
+
+def test_folder_skipping_the_last_file_wraps_around_to_the_first(tmp_path):
+    solid((255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not a png" * 10)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    data = ImageFolderDataset(tmp_path, sample_size=8)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*b\.png"):
+        item = data[1]
+    assert item["text"] == "a" and torch.equal(item["image"], data[0]["image"])
 
 
 def test_folder_skips_corrupt_files_with_a_warning_and_counts_them(tmp_path):
@@ -386,6 +464,26 @@ def test_folder_scales_16_bit_greyscale_png(tmp_path, in_channels):
     small = ImageFolderDataset(tmp_path, sample_size=8, in_channels=in_channels)[0]["image"]
     assert small.shape == (in_channels, 8, 8)
     torch.testing.assert_close(small, torch.full_like(small, 32768 / 65535 * 2 - 1))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16L", "I;16B", "I;16N"])
+def test_unit_float_image_scales_every_16_bit_mode(mode):
+    """Every 16-bit greyscale mode maps 0 -> 0 and 65535 -> 1 (not 255 -> 1)."""
+    byte_order = {"I;16B": ">u2", "I;16N": "=u2"}.get(mode, "<u2")  # N: native
+    values = np.array([[0, 255, 32768, 65535]], dtype=byte_order)
+    out = unit_float_image(Image.frombytes(mode, (4, 1), values.tobytes()))
+    assert out.mode == "F"
+    np.testing.assert_allclose(np.asarray(out), values.astype(np.float64) / 65535, rtol=1e-6)
+
+
+def test_folder_16_bit_resize_overshoot_is_clipped_to_the_range(tmp_path):
+    """Bicubic overshoots a hard black/white edge (by ~1% here); items stay within [-1, 1]."""
+    edge = np.zeros((20, 20), dtype=np.uint16)
+    edge[:, 10:] = 65535
+    Image.fromarray(edge).save(tmp_path / "edge.png")
+    (tmp_path / "edge.txt").write_text("edge")
+    image = ImageFolderDataset(tmp_path, sample_size=8, in_channels=1)[0]["image"]
+    assert image.min() == -1.0 and image.max() == 1.0
 
 
 @pytest.mark.parametrize("array, expected", [

@@ -41,6 +41,7 @@ from nets import (
     trim_padding,
 )
 from nets.attention import ATTENTION_BACKENDS, sdpa_backends
+from nets.text_encoder import text_heads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -534,6 +535,23 @@ def test_slicing_and_backends_do_not_change_the_unet():
         torch.testing.assert_close(run(model, x, t, context, mask), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_auto_slicing_makes_two_slices(n, monkeypatch):
+    """slice_size="auto" runs ceil(n / 2) queries per SDPA call: two calls (one for n = 1)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, m, 8, generator=gen) for m in (n, 3, 3))
+    ref = attention(q, k, v)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def counting_sdpa(q_part, *args, **kwargs):
+        calls.append(q_part.shape[2])
+        return sdpa(q_part, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    torch.testing.assert_close(attention(q, k, v, slice_size="auto"), ref, atol=1e-6, rtol=0)
+    assert calls == ([1] if n == 1 else [-(-n // 2), n // 2])
+
+
 def test_xformers_toggle_selects_the_efficient_kernel_and_says_so_once():
     """xformers is not a dependency (DESIGN.md): the toggle picks PyTorch's memory-efficient
     SDPA kernel and warns that it did, once per model, however it is reached."""
@@ -778,6 +796,51 @@ def test_text_encoder_ignores_padding_ids():
     ids2 = torch.where(mask, ids, torch.randint(0, 256, ids.shape))
     out, _ = encoder(ids2, mask)
     torch.testing.assert_close(out[mask], ref[mask])
+
+
+def test_tokenizer_truncation_keeps_the_start_and_warns_only_when_it_cuts():
+    """Truncation keeps the first max_length - 2 bytes; decode replaces malformed UTF-8."""
+    tokenizer = ByteTokenizer(max_length=6)  # room for 4 bytes between BOS and EOS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ids, mask = tokenizer("abcd")  # exactly fits: kept whole, no warning
+    assert ids[0].tolist() == [tokenizer.bos_id, *b"abcd", tokenizer.eos_id] and mask.all()
+    with pytest.warns(UserWarning, match="prompt of 6 UTF-8 bytes truncated to 4"):
+        ids, _ = tokenizer("abcdef")
+    assert ids[0].tolist() == [tokenizer.bos_id, *b"abcd", tokenizer.eos_id]
+    lone_lead_byte = [tokenizer.bos_id, *b"a", 0xC3, tokenizer.eos_id]  # half of an é
+    assert tokenizer.decode(lone_lead_byte) == "a\ufffd"  # malformed UTF-8 is replaced
+
+
+def test_text_encoder_default_mask_is_the_padding_mask():
+    """Without attention_mask the encoder masks PAD itself; an integer mask works like bool."""
+    encoder = TextEncoder(context_dim=16, width=32, num_layers=1, max_length=10)
+    randomize(encoder)
+    ids, mask = encoder.tokenizer(["hi", "there"])
+    with torch.no_grad():
+        ref, ref_mask = encoder(ids, mask)
+        out, out_mask = encoder(ids)
+        as_long, long_mask = encoder(ids, mask.long())
+    assert torch.equal(out_mask, mask) and long_mask.dtype == torch.bool
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(as_long, ref, atol=0, rtol=0)
+
+
+def test_text_encoder_sees_token_order():
+    """Position embeddings: "ab" and "ba" are not permutations of each other's states."""
+    encoder = TextEncoder(context_dim=16, width=32, num_layers=1, max_length=10)
+    randomize(encoder)
+    with torch.no_grad():
+        states, _ = encoder.encode(["ab", "ba"])
+    swapped = states[0, [0, 2, 1, 3]]  # "ab" with its two byte positions exchanged
+    assert not torch.allclose(swapped, states[1, :4], atol=1e-3)
+
+
+def test_text_heads_rule():
+    """Largest divisor of the width not above width // 64, at least 1 (docstring examples)."""
+    assert [text_heads(w) for w in (32, 96, 192, 256, 320, 512, 640)] == [1, 1, 3, 4, 5, 8, 10]
+    block = TextEncoder(context_dim=16, width=192, num_layers=1).blocks[0]
+    assert (block.attn.heads, block.attn.dim_head) == (3, 64)
 
 
 def test_trim_padding_cuts_at_the_longest_prompt():
