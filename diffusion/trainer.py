@@ -43,6 +43,7 @@ from .scheduler import AdvancedScheduler
 DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Seed of the fixed timesteps/noise that make validation losses comparable across runs.
 VALIDATION_SEED = 1234
+GOLDEN_FRACTION = (5 ** 0.5 - 1) / 2  # rotates the validation strata from batch to batch
 # Images outside [-1 - tol, 1 + tol] are rejected: a [0, 255] or [0, 1] batch is a bug.
 IMAGE_RANGE_TOLERANCE = 1e-3
 # Devices where AdamW runs its fused kernel. On the CPU PyTorch's default is a Python loop over
@@ -59,6 +60,16 @@ REQUIRED_CHECKPOINT_KEYS = (
     "step", "config", "model", "text_encoder", "ema", "optimizer", "lr_scheduler",
     "grad_scaler", "rng.generator", "rng.torch", "counters.skipped_steps", "counters.micro_step",
 )
+
+
+def validation_timesteps(batch_index: int, batch_size: int, T: int) -> torch.Tensor:
+    """Stratified timesteps for validation batch `batch_index`: sample i lies in the stratum
+    [i T / B, (i + 1) T / B), at an offset within the strata that moves by the golden ratio
+    from batch to batch, so even batches of one cover [0, T-1] (a plain linspace put every
+    sample of a one-sample batch at t = 0)."""
+    offset = (batch_index * GOLDEN_FRACTION) % 1.0
+    strata = torch.arange(batch_size, dtype=torch.float64) + offset
+    return (strata * T / batch_size).floor().long()
 
 
 def check_image_range(images: torch.Tensor, name: str) -> None:
@@ -345,13 +356,18 @@ class AdvancedDiffusionTrainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-        nonfinite = self._window_nonfinite or (not math.isfinite(grad_norm) and not self.scaler)
-        self._window_nonfinite = False
-        if nonfinite:
+        loss_nonfinite, self._window_nonfinite = self._window_nonfinite, False
+        if loss_nonfinite or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:  # unscale_ above must be closed by an update, or the next one fails
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.skipped_steps += 1
+            # Under fp16 the scaled gradients overflow while the GradScaler's scale settles
+            # (it starts at 2**16 and halves on each overflow): expected skips, which count
+            # toward max_nonfinite_steps only once the scale is below 1, where an overflow
+            # means the gradients themselves are not finite.
+            if self.scaler and not loss_nonfinite and self.scaler.get_scale() >= 1:
+                return grad_norm, False
             self._consecutive_skips += 1
             if self._consecutive_skips >= cfg.max_nonfinite_steps:
                 raise NonFiniteLossError(
@@ -361,7 +377,7 @@ class AdvancedDiffusionTrainer:
                     "check the data for NaN or badly scaled images")
             return grad_norm, False
         if self.scaler:
-            self.scaler.step(self.optimizer)  # skips by itself on fp16 overflow
+            self.scaler.step(self.optimizer)  # the gradients are finite: it steps
             self.scaler.update()
         else:
             self.optimizer.step()
@@ -382,8 +398,8 @@ class AdvancedDiffusionTrainer:
     @torch.no_grad()
     def validate(self, dataloader, max_batches: int | None = None) -> dict:
         """Mean loss over `dataloader` at fixed timesteps and noise (batch b uses seed
-        VALIDATION_SEED + b; timesteps evenly spread over [0, T-1]), so numbers compare across
-        runs and checkpoints. No prompt dropout. Returns {"val_loss", "num_batches"}."""
+        VALIDATION_SEED + b and the stratified `validation_timesteps`), so numbers compare
+        across runs and checkpoints. No prompt dropout. Returns {"val_loss", "num_batches"}."""
         was_training = self.denoiser.training
         self.denoiser.eval()
         T, total, count, batches = self.config.num_train_timesteps, 0.0, 0, 0
@@ -394,7 +410,7 @@ class AdvancedDiffusionTrainer:
                 images, prompts = self._check_batch(batch)
                 g = torch.Generator().manual_seed(VALIDATION_SEED + b)
                 B = images.shape[0]
-                timesteps = torch.linspace(0, T - 1, B).round().long()
+                timesteps = validation_timesteps(b, B, T)
                 noise = torch.randn(images.shape, generator=g)
                 loss = self._forward_loss(images.to(self.device, torch.float32), prompts,
                                           timesteps.to(self.device), noise.to(self.device))

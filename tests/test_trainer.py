@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import randomize, tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,7 +19,12 @@ from diffusion import (
 )
 from diffusion.checkpoint import CheckpointError
 from diffusion.config import MAX_SEED
-from diffusion.trainer import parameter_groups
+from diffusion.trainer import (
+    VALIDATION_SEED,
+    autocast_dtype,
+    parameter_groups,
+    validation_timesteps,
+)
 from nets import AdvancedUNet
 
 PROMPTS = ["a red circle", "a blue square", "a green cross", "a cyan triangle"]
@@ -117,10 +122,11 @@ def test_logged_loss_is_the_mean_over_the_accumulation_window():
     loss_per_sample = trainer.loss_per_sample
     trainer.loss_per_sample = lambda *a: (lambda v: (losses.append(v.mean().item()), v)[1])(
         loss_per_sample(*a))
-    for i in range(3):
+    for i in range(6):  # two windows: the second one's mean starts afresh
         metrics = trainer.train_step(fixed_batch(seed=i))
-        assert metrics["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
-    assert metrics["updated"] and len(set(losses)) == 3
+        window = losses[i - i % 3:]
+        assert metrics["loss"] == pytest.approx(sum(window) / len(window), rel=1e-6)
+    assert metrics["updated"] and len(set(losses)) == 6
 
 
 def test_resume_takes_learning_rate_and_weight_decay_from_the_config(tmp_path):
@@ -210,6 +216,25 @@ def test_non_finite_step_with_a_grad_scaler_keeps_training():
     assert metrics["updated"] and metrics["skipped_steps"] == 1 and metrics["step"] == 2
 
 
+def test_an_fp16_overflow_is_a_skipped_step():
+    """An overflow of the scaled gradients (finite loss, Inf gradient) was handed to the
+    GradScaler, which skipped the parameters' update while the trainer counted an update: the
+    step, the LR schedule and the EMA moved on. It is a skipped step now; it counts toward
+    max_nonfinite_steps only once the scale is below 1 (before that the scale is settling)."""
+    trainer = make_trainer(use_ema=True, max_nonfinite_steps=2)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # CUDA's logic, on the CPU
+    trainer.model.unet.conv_out.bias.register_hook(lambda grad: grad * float("inf"))
+    before = {n: p.detach().clone() for n, p in trainer.denoiser.named_parameters()}
+    for step, scale in enumerate((2.0, 1.0, 0.5)):  # the third is the first counted skip
+        metrics = trainer.train_step(fixed_batch(seed=step))
+        assert not metrics["updated"] and metrics["step"] == 0
+        assert metrics["skipped_steps"] == step + 1 and trainer.scaler.get_scale() == scale
+    assert trainer.lr_scheduler.last_epoch == 0 and trainer.ema.num_updates == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.denoiser.named_parameters())
+    with pytest.raises(NonFiniteLossError, match="for 2 consecutive steps"):
+        trainer.train_step(fixed_batch(seed=3))
+
+
 def test_resume_with_a_different_model_lists_the_fields(tmp_path):
     trainer = make_trainer()
     path = trainer.save_checkpoint(tmp_path / "c.pt")
@@ -252,6 +277,38 @@ def test_non_finite_loss_skips_updates_then_stops():
         trainer.train_step(fixed_batch())
 
 
+def test_a_skipped_update_leaves_no_trace_and_an_update_resets_the_skip_count():
+    """A window with a NaN micro-batch is dropped whole: its gradients are cleared, and neither
+    the LR schedule nor the EMA counts it; a clean update then resets the consecutive count
+    (NaN, clean, NaN does not stop a run with max_nonfinite_steps=2)."""
+    trainer = make_trainer(gradient_accumulation_steps=2, max_nonfinite_steps=2, use_ema=True,
+                           lr_warmup_steps=10)
+    bias = trainer.model.unet.conv_out.bias
+    saved = bias.detach().clone()
+    for round_ in range(2):
+        trainer.train_step(fixed_batch(seed=0))  # finite: this window now holds gradients
+        with torch.no_grad():
+            bias.fill_(float("nan"))
+        assert trainer.train_step(fixed_batch(seed=1))["updated"] is False
+        with torch.no_grad():
+            bias.copy_(saved)
+        assert all(p.grad is None for p in trainer.denoiser.parameters())
+        assert trainer.lr_scheduler.last_epoch == trainer.ema.num_updates == trainer.global_step
+        for i in range(2):
+            metrics = trainer.train_step(fixed_batch(seed=i))
+        assert metrics["updated"] and metrics["step"] == round_ + 1
+        saved = bias.detach().clone()
+    assert trainer.skipped_steps == 2
+
+
+def test_offset_noise_shifts_each_channel_separately():
+    """noise_offset adds one N(0, 1) shift per (image, channel), not one per image: with a large
+    offset an image's channel planes have clearly different means (~100 apart, not ~1/16)."""
+    trainer = make_trainer(noise_offset=100.0)
+    _, noise, _ = trainer._global_draws(torch.Size((8, 3, 16, 16)))
+    assert noise.mean(dim=(2, 3)).std(dim=1).mean() > 10
+
+
 def test_cfg_dropout_replaces_the_configured_fraction():
     trainer = make_trainer(cfg_dropout=0.3)
     seen = []
@@ -268,13 +325,91 @@ def test_cfg_dropout_replaces_the_configured_fraction():
 
 def test_validate_is_deterministic_and_restores_train_mode():
     trainer = make_trainer(dropout=0.2)
+    randomize(trainer.model)  # non-zero output layer, so train-mode dropout would show
     batches = [fixed_batch(0), fixed_batch(1)]
     a = trainer.validate(batches)
     b = trainer.validate(batches)
     assert a == b and a["num_batches"] == 2
     assert trainer.denoiser.training
+    trainer.denoiser.eval()
+    trainer.validate(batches[:1])
+    assert not trainer.denoiser.training  # back to the mode it was in, not always train
     with pytest.raises(ValueError, match="empty dataloader"):
         trainer.validate([])
+
+
+def test_validate_noises_batch_b_with_its_seed_at_spread_timesteps():
+    """Batch b gets randn from seed VALIDATION_SEED + b at stratified timesteps (one per
+    stratum of width T / B, offset by frac(b x golden ratio)); val_loss is the mean over
+    samples (a smaller batch weighs less); max_batches=2 stops at 2."""
+    trainer = make_trainer()
+    batches = [fixed_batch(0, n=6), fixed_batch(1, n=2), fixed_batch(2)]
+    seen = []
+    hook = trainer.denoiser.register_forward_hook(lambda m, args, out: seen.append(args[:2]))
+    result = trainer.validate(batches, max_batches=2)
+    hook.remove()
+    assert result["num_batches"] == len(seen) == 2
+    T, abar = trainer.config.num_train_timesteps, trainer.noise_scheduler.alphas_cumprod_float64
+    losses = []
+    for b, ((x_t, t), batch) in enumerate(zip(seen, batches)):
+        images, B = batch["images"], len(batch["prompts"])
+        offset = b * (5 ** 0.5 - 1) / 2 % 1
+        assert t.tolist() == [math.floor((i + offset) * T / B) for i in range(B)]
+        g = torch.Generator().manual_seed(VALIDATION_SEED + b)
+        eps = torch.randn(images.shape, generator=g)
+        a = abar[t].reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t.double(), a.sqrt() * images + (1 - a).sqrt() * eps,
+                                   rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            losses.append(trainer._forward_loss(images, batch["prompts"], t, eps))
+    assert result["val_loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-6)
+
+
+@given(st.integers(0, 10_000), st.integers(1, 64), st.sampled_from([1, 2, 50, 1000]))
+def test_validation_timesteps_are_stratified(batch_index, B, T):
+    t = validation_timesteps(batch_index, B, T)
+    assert t.dtype == torch.int64 and t.shape == (B,)
+    assert ((t >= 0) & (t < T)).all()
+    strata = torch.arange(B)
+    assert ((t >= (strata * T) // B) & (t <= ((strata + 1) * T) // B)).all()
+
+
+def test_validation_batches_of_one_cover_the_timesteps():
+    """linspace(0, T-1, 1) is [0]: every one-sample batch was scored at t = 0 only."""
+    t = torch.cat([validation_timesteps(b, 1, 1000) for b in range(100)])
+    assert len(t.unique()) == 100
+    assert torch.histc(t.double(), bins=10, min=0, max=1000).min() >= 8  # ~10 per tenth
+
+
+def test_loading_a_checkpoint_drops_the_window_in_progress():
+    """Rolling back to a between-windows checkpoint mid-window discards that window's gradients
+    and losses: the next update matches a fresh trainer loaded from the same checkpoint."""
+    kw = dict(gradient_accumulation_steps=2, use_ema=False)
+    trainer = make_trainer(**kw)
+    state = trainer.state_dict()
+    trainer.train_step(fixed_batch(seed=5))
+    assert trainer.accumulating
+    trainer.load_state_dict(state)
+    fresh = make_trainer(seed=3, **kw)
+    fresh.load_state_dict(state)
+    last = []
+    for t in (trainer, fresh):
+        for i in range(2):
+            metrics = t.train_step(fixed_batch(seed=i))
+        last.append(metrics)
+    assert last[0] == last[1] and last[0]["updated"]
+    assert_bitwise_equal(trainer.denoiser.state_dict(), fresh.denoiser.state_dict())
+
+
+def test_parameter_groups_hold_each_trainable_parameter_once():
+    """Tied weights go in one group only (AdamW refuses duplicates); frozen ones in none."""
+    linear, embedding, norm = torch.nn.Linear(4, 4), torch.nn.Embedding(4, 4), torch.nn.LayerNorm(4)
+    embedding.weight = linear.weight
+    norm.bias.requires_grad_(False)
+    groups = parameter_groups(torch.nn.Sequential(linear, embedding, norm), 0.1)
+    ids = [id(p) for group in groups for p in group["params"]]
+    assert sorted(ids) == sorted({id(linear.weight), id(linear.bias), id(norm.weight)})
+    torch.optim.AdamW(groups)
 
 
 def test_parameter_groups_by_module_type():
@@ -288,6 +423,16 @@ def test_parameter_groups_by_module_type():
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     # the text encoder's position embedding is a bare Parameter: no decay, whatever its name
     assert id(trainer.text_encoder.position_embedding) not in decayed
+
+
+def test_autocast_dtype_follows_mixed_precision():
+    """True means bf16 on the CPU and fp16 on CUDA; False/"no" mean full precision."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(False, cpu) is None and autocast_dtype("no", cuda) is None
+    assert autocast_dtype(True, cpu) == torch.bfloat16
+    assert autocast_dtype(True, cuda) == torch.float16
+    assert autocast_dtype("fp16", cpu) == torch.float16
+    assert autocast_dtype("bf16", cuda) == torch.bfloat16
 
 
 def test_first_update_is_adamw_closed_form():
@@ -378,6 +523,10 @@ def test_lr_schedules(name, warmup, total, lr):
     if name in ("linear", "cosine"):
         assert values[total] == pytest.approx(0.0, abs=lr * 1e-9)
         assert values[warmup] == pytest.approx(lr)
+        for step in range(warmup, total + 5):  # then the closed form, 0 from `total` on
+            progress = min((step - warmup) / (total - warmup), 1.0)
+            factor = 1 - progress if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+            assert values[step] == pytest.approx(lr * factor, abs=lr * 1e-9)
     if name == "constant":
         assert values == [lr] * len(values)
 
@@ -405,6 +554,8 @@ def test_warmup_as_long_as_the_run_warns_once_per_trainer():
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         get_scheduler("constant", optimizer, 100, 50)  # ignores the warm-up
         get_scheduler("cosine", optimizer, 49, 50)
+    with pytest.warns(UserWarning, match="num_warmup_steps=50 >= num_training_steps=50"):
+        get_scheduler("linear", optimizer, 50, 50)  # as long as the run: never decays either
 
 
 # ---- EMA ----
@@ -455,6 +606,40 @@ def test_trainer_ema_weights_never_leak_into_training():
     assert_bitwise_equal(trainer.denoiser.state_dict(), trained)
 
 
+def test_ema_state_dict_is_a_snapshot_that_round_trips():
+    """state_dict copies the shadow (later steps do not change it); load_state_dict restores
+    decay, warm-up, update count and shadow, so the loaded EMA steps like the original."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMAModel(model, decay=0.8, warmup=False)
+    ema.step(model)
+    state = ema.state_dict()
+    saved = {k: v.clone() for k, v in state["shadow"].items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    other = EMAModel(model, decay=0.3, warmup=True)
+    other.load_state_dict(state)
+    ema.step(model)
+    assert_bitwise_equal(state["shadow"], saved)
+    assert (other.decay, other.warmup, other.num_updates) == (0.8, False, 1)
+    other.step(model)
+    assert_bitwise_equal(other.state_dict(), ema.state_dict())
+
+
+def test_ema_decay_bounds():
+    """decay 0 follows the weights exactly; decay 1 (no warm-up) never moves."""
+    model = torch.nn.Linear(3, 2)
+    follow, frozen = EMAModel(model, decay=0, warmup=False), EMAModel(model, decay=1, warmup=False)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    follow.step(model)
+    frozen.step(model)
+    assert_bitwise_equal(follow.shadow, {n: p.detach() for n, p in model.named_parameters()})
+    assert_bitwise_equal(frozen.shadow, theta0)
+
+
 def test_ema_errors():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"decay=1.5 must be a number in \[0, 1\]"):
@@ -462,6 +647,10 @@ def test_ema_errors():
     ema = EMAModel(model)
     with pytest.raises(RuntimeError, match="without a matching store"):
         ema.restore(model)
+    with ema.average_parameters(model):
+        pass
+    with pytest.raises(RuntimeError, match="without a matching store"):
+        ema.restore(model)  # a second restore would roll the weights back to a stale copy
     with pytest.raises(ValueError, match="does not match"):
         ema.step(torch.nn.Linear(3, 3, bias=False))
     state = EMAModel(torch.nn.Linear(3, 2)).state_dict()
@@ -481,7 +670,7 @@ def test_global_batch_sampler_is_resumable_and_splits_ranks():
     assert len(batches) == 5 and sorted(sum(batches, [])) == list(range(20))
     resumed = GlobalBatchSampler(20, 4, seed=3)
     resumed.set_position(0, 2)
-    assert list(resumed) == batches[2:]
+    assert list(resumed) == batches[2:] and len(resumed) == 3
     ranks = [list(GlobalBatchSampler(20, 2, world_size=2, rank=r, seed=3)) for r in (0, 1)]
     for b, batch in enumerate(batches):  # rank r holds the interleaved slice [r::2]
         assert ranks[0][b] == batch[0::2] and ranks[1][b] == batch[1::2]
@@ -490,6 +679,23 @@ def test_global_batch_sampler_is_resumable_and_splits_ranks():
     assert list(other_epoch) != batches
     with pytest.raises(ValueError, match="fewer than one global batch of 8"):
         GlobalBatchSampler(5, 4, world_size=2)
+    ragged = list(GlobalBatchSampler(22, 4, seed=3))  # the last 2 items are dropped
+    assert len(ragged) == 5 and all(len(batch) == 4 for batch in ragged)
+    assert list(GlobalBatchSampler(8, 4, shuffle=False)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_each_rank_draws_its_slice_of_the_global_batch_noise():
+    """Rank r of N draws the whole global batch's timesteps, noise and dropout and keeps the
+    slice GlobalBatchSampler gives it of the data, so N ranks train like one process."""
+    trainer = make_trainer(noise_offset=0.1, cfg_dropout=0.5)
+    full = trainer._global_draws(torch.Size((6, 3, 16, 16)))
+    for rank in range(3):
+        trainer.generator.manual_seed(trainer.config.seed)
+        trainer.rank, trainer.world_size = rank, 3
+        part = trainer._global_draws(torch.Size((2, 3, 16, 16)))
+        (index,) = GlobalBatchSampler(6, 2, world_size=3, rank=rank, shuffle=False)
+        for mine, whole in zip(part, full):
+            assert torch.equal(mine, whole[index])
 
 
 @given(st.integers(0, MAX_SEED), st.integers(0, 10**6))
