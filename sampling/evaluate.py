@@ -108,6 +108,13 @@ def main(argv=None):
     except ValueError as err:  # CheckpointError is one too
         sys.exit(f"evaluate: {err}")
     config = pipeline.config
+    if config.in_channels != 3:  # before sampling: the checker reads colour
+        sys.exit(f"evaluate: the shapes checker scores RGB images; {args.checkpoint} holds a "
+                 f"model of in_channels={config.in_channels}")
+    if config.dataset != "shapes":
+        print(f"evaluate: warning: {args.checkpoint} was trained on dataset="
+              f"{config.dataset!r}; the score measures the shapes captions only",
+              file=sys.stderr)
     if args.untrained:
         torch.manual_seed(config.seed)
         pipeline = AdvancedDiffusionPipeline(config, device=args.device)

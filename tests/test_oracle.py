@@ -22,7 +22,7 @@ import torch
 
 from diffusion import AdvancedScheduler, DiffusionConfig
 from diffusion.__main__ import main as demo_main
-from diffusion.oracle import GaussianMixture, sample_exact
+from diffusion.oracle import GaussianMixture, exact_model_fn, sample_exact
 
 GAUSSIAN = GaussianMixture((1.0,), (0.3,), (0.5,))
 MIXTURE = GaussianMixture((0.3, 0.7), (-0.6, 0.5), (0.1, 0.2))
@@ -148,7 +148,29 @@ def test_denoiser_is_the_posterior_mean():
         assert abs(mc - exact) < 5 * se + 0.005  # 0.005: the bin's width effect
 
 
+def test_denoiser_is_exact_to_float64_rounding():
+    """Point masses with equal likelihoods at x_t = 0: E[x0 | x_t] is the weighted mean 0.5
+    exactly (the weights' log was taken in float32: 0.5000000074)."""
+    mixture = GaussianMixture((0.25, 0.75), (-1.0, 1.0), (0.0, 0.0))
+    x = torch.zeros(1, dtype=torch.float64)
+    assert abs(mixture.denoise(x, torch.tensor(0.4, dtype=torch.float64)).item() - 0.5) < 1e-15
+
+
+def test_float32_model_fn_is_the_float64_one_rounded_once():
+    """Near t = 0, eps from a float32 x0 and abar lost ~5e-5 to the cancellation in
+    x_t - sqrt(abar) x0; the oracle now computes in float64 and casts its output once."""
+    scheduler = AdvancedScheduler(DiffusionConfig(beta_schedule="cosine"))
+    model_fn = exact_model_fn(scheduler, MIXTURE)
+    x = torch.linspace(-2, 2, 101, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    for t in (0, 10, 500):
+        assert torch.equal(model_fn(x, t), model_fn(x.double(), t).float())
+
+
 def test_mixture_errors():
+    for bad in (dict(weights=(float("nan"),)), dict(means=(float("inf"),)),
+                dict(stds=(float("nan"),))):
+        with pytest.raises(ValueError, match="must be finite"):
+            GaussianMixture(**{"weights": (1.0,), "means": (0.0,), "stds": (1.0,), **bad})
     with pytest.raises(ValueError, match="same non-zero length"):
         GaussianMixture((1.0,), (0.0, 1.0), (1.0,))
     with pytest.raises(ValueError, match="positive and sum to 1"):

@@ -849,6 +849,19 @@ def test_evaluate_errors_are_one_line(checkpoint, monkeypatch, capsys):
         script_error(evaluate_script, monkeypatch, capsys, *base, "--batch-size", 0)
 
 
+def test_evaluate_refuses_a_model_that_is_not_rgb_before_sampling(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A one-channel checkpoint sampled every caption and seed, then crashed in the checker."""
+    config = tiny_config(in_channels=1, out_channels=1, dataset="folder", data_dir=str(tmp_path))
+    path = AdvancedDiffusionTrainer(AdvancedUNet(config), config).save_checkpoint(
+        tmp_path / "grey.pt")
+    monkeypatch.setattr(evaluate_script, "sample_all_captions",
+                        lambda *a, **k: pytest.fail("sampled before refusing"))
+    assert script_error(evaluate_script, monkeypatch, capsys, "--checkpoint", path,
+                        "--seeds", 1) == (f"evaluate: the shapes checker scores RGB images; "
+                                          f"{path} holds a model of in_channels=1")
+
+
 def test_parse_device():
     assert parse_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device='gpu' is not a device; use 'cpu', 'cuda'"):

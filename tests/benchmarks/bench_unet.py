@@ -32,9 +32,9 @@ Method (a benchmark, not a test: nothing here asserts anything about time):
   FLOPs, so their fraction shows the cost of recomputation.
 - memory: each measurement runs in a fresh child process with MALLOC_MMAP_THRESHOLD_=65536,
   so glibc returns every freed tensor to the OS and the resident set size (RSS) follows live
-  memory. After one full warm-up step (parameters, gradients and AdamW state all allocated)
-  the kernel's peak-RSS counter is reset (/proc/self/clear_refs, "5") and one training step
-  runs. activation_mb = peak RSS during forward + backward minus the RSS before it, i.e. peak
+  memory. After 2 full warm-up steps (parameters, gradients and the trainer's fused AdamW state
+  all allocated) the kernel's peak-RSS counter is reset (/proc/self/clear_refs, "5") and one
+  training step runs. activation_mb = peak RSS during forward + backward minus the RSS before it, i.e. peak
   minus parameters, gradients and optimizer state; step_peak_mb adds the optimizer step and
   is the absolute peak RSS of the process.
 """
@@ -55,6 +55,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffusion import DiffusionConfig  # noqa: E402
+from diffusion.config import positive_int  # noqa: E402
+from diffusion.trainer import parameter_groups  # noqa: E402
 from nets import (  # noqa: E402
     AdvancedUNet,
     CrossAttention,
@@ -254,8 +256,9 @@ def memory_child(name, checkpointing):
     torch.set_num_threads(THREADS)
     model, inputs = build(name, gradient_checkpointing=checkpointing)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for _ in range(2):  # allocates gradients and optimizer state
+    # the trainer's optimizer: AdamW over its parameter groups, fused on the CPU
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-4, fused=True)
+    for _ in range(WARMUP):  # allocates gradients and optimizer state
         train_step(model, *inputs)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
@@ -276,7 +279,9 @@ def memory(name):
     for checkpointing in (False, True):
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", name, str(int(checkpointing))],
-            env=env, capture_output=True, text=True, check=True)
+            env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bench_unet: the memory child for {name} failed:\n{proc.stderr}")
         child = json.loads(proc.stdout.strip().splitlines()[-1])
         suffix = "_checkpointing" if checkpointing else ""
         res[f"train_activation_mb{suffix}"] = child["activation_mb"]
@@ -291,7 +296,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(BENCH_CONFIGS),
                         choices=list(BENCH_CONFIGS))
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--default-malloc", action="store_true",
