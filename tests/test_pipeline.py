@@ -860,6 +860,18 @@ def test_evaluate_refuses_a_model_that_is_not_rgb_before_sampling(tmp_path, monk
     assert script_error(evaluate_script, monkeypatch, capsys, "--checkpoint", path,
                         "--seeds", 1) == (f"evaluate: the shapes checker scores RGB images; "
                                           f"{path} holds a model of in_channels=1")
+    config = tiny_config(dataset="folder", data_dir=str(tmp_path))  # RGB, not shapes: warns
+    path = AdvancedDiffusionTrainer(AdvancedUNet(config), config).save_checkpoint(
+        tmp_path / "folder.pt")
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(evaluate_script, "sample_all_captions", stop)
+    assert script_error(evaluate_script, monkeypatch, capsys, "--checkpoint", path,
+                        "--seeds", 1) == "evaluate: stopped here"
+    assert (f"evaluate: warning: {path} was trained on dataset='folder'; the score measures "
+            f"the shapes captions only") in capsys.readouterr().err
 
 
 def test_parse_device():

@@ -34,9 +34,9 @@ Method (a benchmark, not a test: nothing here asserts anything about time):
   so glibc returns every freed tensor to the OS and the resident set size (RSS) follows live
   memory. After 2 full warm-up steps (parameters, gradients and the trainer's fused AdamW state
   all allocated) the kernel's peak-RSS counter is reset (/proc/self/clear_refs, "5") and one
-  training step runs. activation_mb = peak RSS during forward + backward minus the RSS before it, i.e. peak
-  minus parameters, gradients and optimizer state; step_peak_mb adds the optimizer step and
-  is the absolute peak RSS of the process.
+  training step runs. activation_mb = peak RSS during forward + backward minus the RSS
+  before it, i.e. peak minus parameters, gradients and optimizer state; step_peak_mb adds
+  the optimizer step and is the absolute peak RSS of the process.
 """
 
 import argparse
