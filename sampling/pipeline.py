@@ -285,10 +285,11 @@ class AdvancedDiffusionPipeline:
 
     # ---- memory toggles ----
 
-    def _say_once(self, key: str, message: str) -> None:
+    def _say_once(self, key: str, message: str, stacklevel: int = 3) -> None:
+        """Warn once per pipeline; stacklevel 3 names the caller of the method calling this."""
         if key not in self._said:
             self._said.add(key)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=stacklevel)
 
     def enable_attention_slicing(self, slice_size="auto") -> None:
         """Compute attention in slices of queries to cap memory (the same numbers as unsliced
@@ -428,7 +429,8 @@ class AdvancedDiffusionPipeline:
         else:  # unconditional: the prompts only label the images, guidance would be a no-op
             self._say_once("unconditional", "this UNet has no cross-attention "
                            "(use_spatial_transformer=False): it is unconditional, so prompts, "
-                           "negative_prompt and guidance_scale do not change the images")
+                           "negative_prompt and guidance_scale do not change the images",
+                           stacklevel=4)  # generate's caller, past torch.no_grad's wrapper
             model_fn = denoise
         x0 = sample(model_fn, self.scheduler, x_T, sampler=sampler,
                     num_inference_steps=num_inference_steps, eta=resolved["eta"],
