@@ -27,6 +27,7 @@ LAST_NAME = "last.pt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 # atomic_save's temp names for step files and last.pt (see tempfile.mkstemp below)
 _TEMP_FILE = re.compile(r"^\.(step_\d+|last)\.pt\..+\.tmp$")
+NEW_FILE_MODE = 0o666  # open()'s mode before the umask: as shareable as a plain torch.save
 
 # Fields that define the network and the process it was trained on: resuming with any of them
 # changed would load weights into a different model or train toward a different target.
@@ -56,12 +57,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: dict, path: str | Path) -> Path:
     """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600); keep open()'s mode
+            os.fchmod(fd, NEW_FILE_MODE & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -318,7 +318,12 @@ class DiffusionConfig:
         except yaml.YAMLError as err:
             raise ValueError(f"cannot read config file {str(path)!r}: {_yaml_problem(err)}") \
                 from None
-        return cls.from_dict(data or {})
+        if data is None:  # an empty file: the defaults
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value "
+                             f"lines; got a {type(data).__name__} ({str(data)[:40]!r})")
+        return cls.from_dict(data)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -331,8 +336,12 @@ class DiffusionConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def with_overrides(self, overrides: dict) -> "DiffusionConfig":
-        """A new config with `overrides` (e.g. from `parse_overrides`) applied and validated."""
+        """A new config with `overrides` (e.g. from `parse_overrides`) applied and validated.
+        prediction_type is the source of truth: overriding it alone sets v_prediction to
+        match (a v-prediction config with prediction_type=epsilon is an epsilon config)."""
         data = self.to_dict()
+        if "prediction_type" in overrides and "v_prediction" not in overrides:
+            data["v_prediction"] = overrides["prediction_type"] == "v_prediction"
         unknown = [k for k in overrides if k not in _FIELDS]
         if unknown:
             raise ValueError("unknown config field(s) in overrides: " + "; ".join(

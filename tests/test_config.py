@@ -1,5 +1,6 @@
 """DiffusionConfig: the guide's defaults, (de)serialisation, validation and --set overrides."""
 
+import argparse
 import dataclasses
 import inspect
 import pickle
@@ -13,6 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from diffusion import DiffusionConfig, config_reference, parse_overrides
+from diffusion.config import positive_int
 
 
 def test_guide_defaults():
@@ -63,6 +65,8 @@ def test_largest_seed_is_accepted():
     # YAML itself keeps the last value silently: 7 steps would run where 5 was meant
     ("max_steps: 5\nlearning_rate: 1e-3\nmax_steps: 7\n",
      r"duplicate key 'max_steps' \(line 3, column 1\)"),
+    ("? [a]\n: 1\n", r"while constructing a mapping \(line 1, column 1\): found unhashable key "
+                     r"\(line 1, column 3\)"),
 ])
 def test_malformed_yaml_names_the_file_and_the_line(tmp_path, text, problem):
     path = tmp_path / "c.yaml"
@@ -135,6 +139,9 @@ def test_from_dict_needs_a_mapping():
     ("channel_mult", "1,2", r"channel_mult='1,2' must be a list of int"),
     ("use_ema", 1, r"use_ema=1 must be bool"),
     ("snr_gamma", "x", r"snr_gamma='x' must be float or None"),
+    ("learning_rate", True, r"learning_rate=True must be float"),  # YAML's `yes`
+    ("sample_prompts", "a red circle", r"sample_prompts='a red circle' must be a list of str"),
+    ("channel_mult", [1, 2.5], r"channel_mult=\[1, 2.5\] must be a list of int"),
 ])
 def test_type_errors_name_field_value_and_type(name, value, message):
     with pytest.raises(TypeError, match=message):
@@ -149,6 +156,8 @@ def test_type_errors_name_field_value_and_type(name, value, message):
     ("ema_decay", 1.5, r"0.0 <= ema_decay <= 1.0"),
     ("snr_gamma", 0.0, r"0.0 < snr_gamma"),
     ("batch_size", 0, r"1 <= batch_size"),
+    ("cfg_dropout", 1.5, r"0.0 <= cfg_dropout <= 1.0"),
+    ("keep_last", 0, r"1 <= keep_last"),
     ("seed", 2**63, r"0 <= seed <= 9223372036854775807"),  # torch's seeds are 64-bit
     ("seed", 99999999999999999999, r"0 <= seed <= 9223372036854775807"),
 ])
@@ -214,10 +223,14 @@ def test_zero_terminal_snr_rejects_epsilon_prediction():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(beta_start=0.02, beta_end=0.01), r"beta_start=0.02 must be smaller than beta_end=0.01"),
+    (dict(beta_start=0.01, beta_end=0.01), r"beta_start=0.01 must be smaller than beta_end=0.01"),
     (dict(num_train_timesteps=10, num_inference_steps=50),
      r"num_inference_steps=50 must be at most num_train_timesteps=10"),
     (dict(steps_offset=1), r"steps_offset=1 only applies to timestep_spacing='leading'"),
     (dict(dataset="folder"), r"dataset='folder' needs data_dir"),
+    (dict(dataset="folder", data_dir=""), r"dataset='folder' needs data_dir"),
+    (dict(pooled_text_conditioning=True, use_spatial_transformer=False),
+     r"pooled_text_conditioning=True needs use_spatial_transformer=True"),
     (dict(channel_mult=()), r"channel_mult=\(\) must have at least one level"),
     (dict(attention_resolutions=(8, 0)), r"attention_resolutions=\(8, 0\) must hold positive"),
 ])
@@ -268,3 +281,72 @@ def test_config_reference_covers_every_field():
     rows = config_reference()
     assert [r[0] for r in rows] == [f.name for f in dataclasses.fields(DiffusionConfig)]
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_sampling_with_every_training_timestep_is_allowed():
+    """DDPM's own sampler takes all T steps."""
+    assert DiffusionConfig(num_train_timesteps=10, num_inference_steps=10).num_inference_steps == 10
+
+
+def test_did_you_mean_names_the_closest_field_or_none():
+    with pytest.raises(ValueError, match=r"'sampl_every' \(did you mean 'sample_every'\?\)"):
+        DiffusionConfig.from_dict({"sampl_every": 5})  # not 'save_every' or 'sampler'
+    with pytest.raises(ValueError, match="unknown config field 'lr'") as info:
+        parse_overrides(["lr=3e-4"])
+    assert "did you mean" not in str(info.value)  # no field is close to 'lr'
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_refused(tmp_path):
+    """It was a TypeError that did not name the file, and a file holding [] or 0 loaded as
+    the defaults; an empty file still does."""
+    path = tmp_path / "c.yaml"
+    for text, got in (("learning_rate=3e-4\n", "str ('learning_rate=3e-4')"),  # '=' for ':'
+                      ("[]\n", "list ('[]')"), ("0\n", "int ('0')")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(
+                f"config file {str(path)!r} must hold a mapping of field: value lines; got a "
+                f"{got}")):
+            DiffusionConfig.from_yaml(path)
+    path.write_text("")
+    assert DiffusionConfig.from_yaml(path) == DiffusionConfig()
+    with pytest.raises(TypeError, match="config data must be a mapping of field names; got str"):
+        DiffusionConfig.from_dict("learning_rate=3e-4")
+
+
+def test_overriding_prediction_type_alone_sets_v_prediction_to_match():
+    """A v-prediction config (whose config.yaml stores v_prediction: true) refused
+    `--set prediction_type=epsilon` as contradicting v_prediction."""
+    v = DiffusionConfig(prediction_type="v_prediction")
+    eps = v.with_overrides({"prediction_type": "epsilon"})
+    assert (eps.prediction_type, eps.v_prediction) == ("epsilon", False)
+    back = eps.with_overrides({"prediction_type": "v_prediction"})
+    assert (back.prediction_type, back.v_prediction) == ("v_prediction", True)
+    with pytest.raises(ValueError, match="v_prediction=True contradicts prediction_type="):
+        v.with_overrides({"prediction_type": "epsilon", "v_prediction": True})
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    """`<<:` merges are not duplicate keys: a later key overrides the merged one."""
+    path = tmp_path / "c.yaml"
+    path.write_text("<<: {max_steps: 5, seed: 3}\nmax_steps: 7\n")
+    config = DiffusionConfig.from_yaml(path)
+    assert (config.max_steps, config.seed) == (7, 3)
+
+
+@pytest.mark.parametrize("text, value", [("+3e-4", 3e-4), (".5e3", 500.0), ("2E+1", 20.0)])
+def test_every_scientific_notation_is_a_float(text, value):
+    assert parse_overrides([f"learning_rate={text}"]) == {"learning_rate": value}
+
+
+def test_parse_overrides_strips_spaces_and_keeps_an_empty_value_a_string():
+    """`--set snr_gamma=` is an error, not a silent null that turns min-SNR weighting off."""
+    assert parse_overrides([" seed = 3 ", "snr_gamma="]) == {"seed": 3, "snr_gamma": ""}
+    with pytest.raises(TypeError, match="snr_gamma='' must be float or None"):
+        DiffusionConfig().with_overrides({"snr_gamma": ""})
+
+
+def test_positive_int_accepts_one_and_refuses_zero():
+    assert positive_int("1") == 1
+    for text in ("0", "-2", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(text)
