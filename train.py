@@ -160,7 +160,10 @@ def main(argv=None):
     except (ValueError, OSError) as err:
         fail(err)
     torch.manual_seed(config.seed)  # same initial weights on every rank
-    model = AdvancedUNet(config)
+    try:  # e.g. num_heads that does not divide a level's channels
+        model = AdvancedUNet(config)
+    except ValueError as err:
+        fail(err)
     trainer = AdvancedDiffusionTrainer(model, config, device=device, distributed=world > 1)
     # A private generator keeps the DataLoader from drawing on the global RNG (dropout's).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
@@ -177,7 +180,10 @@ def main(argv=None):
     prompts = list(config.sample_prompts) or all_captions()[::SAMPLE_CAPTION_STRIDE]
     writer, metrics_file = None, None
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a path under a file, or a folder we may not write
+            fail(f"cannot create output_dir={str(run_dir)!r}: {err.strerror or err}")
         config.to_yaml(run_dir / "config.yaml")
         metrics_file = open_metrics(run_dir / "metrics.jsonl", trainer.global_step)
         writer = open_tensorboard(run_dir)
@@ -230,7 +236,8 @@ def main(argv=None):
             if metrics["updated"] and step % config.sample_every == 0 and is_main:
                 save_samples(trainer, config, run_dir, step, prompts)
             if world > 1:  # every rank must stop at the same step, or DDP would hang
-                flag = torch.tensor([0 if stop.signal is None else stop.signal])
+                # on the training device: an nccl group has no backend for CPU tensors
+                flag = torch.tensor([0 if stop.signal is None else stop.signal], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop.signal = int(flag) or None
             if step >= config.max_steps or stopping():

@@ -342,11 +342,21 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
                   Image.DecompressionBombError)
 
 
+def read_caption_file(path: Path) -> str:
+    """A caption file's text: UTF-8, a leading byte-order mark dropped (Windows editors write
+    one); ValueError naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"caption file {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); save it as UTF-8") from None
+
+
 def _read_metadata(path: Path, root: Path) -> dict[Path, str]:
     """metadata.jsonl -> {image path: caption}; ValueError naming the line for any bad line."""
     captions: dict[Path, str] = {}
     first_line: dict[Path, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_caption_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -423,7 +433,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if path in from_metadata:
                 self.captions.append(from_metadata[path])
             elif text_file.is_file():
-                self.captions.append(text_file.read_text(encoding="utf-8").strip())
+                self.captions.append(read_caption_file(text_file).strip())
             else:
                 self.captions.append("")
                 uncaptioned += 1

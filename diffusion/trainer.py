@@ -13,6 +13,7 @@ draws the numbers for the whole global batch and keeps its own slice, so N proce
 exactly like one process with the same global batch.
 """
 
+import hashlib
 import math
 import warnings
 from contextlib import nullcontext
@@ -60,6 +61,15 @@ REQUIRED_CHECKPOINT_KEYS = (
     "step", "config", "model", "text_encoder", "ema", "optimizer", "lr_scheduler",
     "grad_scaler", "rng.generator", "rng.torch", "counters.skipped_steps", "counters.micro_step",
 )
+
+
+def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
+    """The torch seed of one micro-batch's dropout masks on one rank. Dropout draws from the
+    global torch RNG, which every rank seeds alike (same initial weights): seeding it per
+    (seed, micro-step, rank) gives each rank and step its own masks, and a resumed run (which
+    restores the micro-step count) the same ones."""
+    digest = hashlib.blake2b(f"{seed}/{micro_step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def validation_timesteps(batch_index: int, batch_size: int, T: int) -> torch.Tensor:
@@ -318,7 +328,10 @@ class AdvancedDiffusionTrainer:
         accumulation = self.config.gradient_accumulation_steps
         update_now = (self._micro_step + 1) % accumulation == 0
         sync = self.net is self.denoiser or update_now
-        with nullcontext() if sync else self.net.no_sync():
+        cuda = range(torch.cuda.device_count()) if self.device.type == "cuda" else []
+        # the global RNG (dropout's) is put back afterwards: the step does not consume it
+        with torch.random.fork_rng(devices=cuda), (nullcontext() if sync else self.net.no_sync()):
+            torch.manual_seed(dropout_seed(self.config.seed, self._micro_step, self.rank))
             loss = self._forward_loss(images, prompts, timesteps, noise).mean()
             finite = self._all_ranks_finite(loss)
             if finite:

@@ -274,6 +274,23 @@ def test_folder_captions_metadata_then_txt_then_empty(tmp_path):
     assert [data[i]["text"] for i in range(4)] == ["from metadata", "from txt", "", "nested"]
 
 
+def test_caption_files_drop_a_byte_order_mark_and_must_be_utf8(tmp_path):
+    """A BOM (Windows editors) stayed in .txt captions as 3 extra bytes and made
+    metadata.jsonl's first line invalid JSON; a latin-1 caption was a UnicodeDecodeError that
+    named no file."""
+    for name in ("a.png", "b.png"):
+        solid((9, 9, 9)).save(tmp_path / name)
+    (tmp_path / "a.txt").write_bytes("\ufeffa red cat\r\n".encode())
+    (tmp_path / "metadata.jsonl").write_bytes(
+        ("\ufeff" + json.dumps({"file_name": "b.png", "text": "a blue dog"}) + "\n").encode())
+    data = ImageFolderDataset(tmp_path, sample_size=8)
+    assert data.captions == ["a red cat", "a blue dog"]
+    (tmp_path / "a.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"caption file '{tmp_path / 'a.txt'}' is not UTF-8 "
+                                         rf"text \(unexpected end of data at byte 3\)"):
+        ImageFolderDataset(tmp_path, sample_size=8)
+
+
 def test_folder_without_missing_captions_does_not_warn(tmp_path):
     solid((9, 9, 9)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("dark")

@@ -262,6 +262,9 @@ def write_bad_inputs(tmp_path):
     (["--set", "dropout=2.0"], "dropout=2.0 is out of range"),
     (["--resume", "no/such/file.pt"], "does not exist"),
     (["--set", "output_dir={tmp}/a_file"], "output_dir='{tmp}/a_file' is a file"),
+    (["--set", "output_dir={tmp}/a_file/run"],
+     "cannot create output_dir='{tmp}/a_file/run': Not a directory"),
+    (["--set", "num_heads=3"], "num_heads=3 must divide"),
     (["--set", "in_channels=1", "out_channels=1"], "dataset='shapes' draws RGB images; "
                                                    "in_channels=1 must be 3"),
     (["--set", "dataset=folder", "data_dir=/nonexistent"],

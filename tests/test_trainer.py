@@ -22,6 +22,7 @@ from diffusion.config import MAX_SEED
 from diffusion.trainer import (
     VALIDATION_SEED,
     autocast_dtype,
+    dropout_seed,
     parameter_groups,
     validation_timesteps,
 )
@@ -379,6 +380,31 @@ def test_validation_batches_of_one_cover_the_timesteps():
     t = torch.cat([validation_timesteps(b, 1, 1000) for b in range(100)])
     assert len(t.unique()) == 100
     assert torch.histc(t.double(), bins=10, min=0, max=1000).min() >= 8  # ~10 per tenth
+
+
+def test_dropout_masks_are_seeded_per_micro_step_and_rank():
+    """Every rank seeds the global RNG alike, so dropout (which draws from it) gave all ranks
+    the same masks. Each micro-batch now seeds it from (seed, micro-step, rank) and puts it
+    back: the step does not depend on, or consume, the caller's global RNG."""
+    seeds = {dropout_seed(s, m, r) for s in (0, 1) for m in range(50) for r in range(4)}
+    assert len(seeds) == 400 and all(0 <= x < 2 ** 64 for x in seeds)
+    losses = []
+    for global_seed in (1, 2):
+        trainer = make_trainer(dropout=0.5)
+        randomize(trainer.model)  # zero-initialised outputs would hide the dropout
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        losses.append([trainer.train_step(fixed_batch(seed=i))["loss"] for i in range(2)])
+        assert torch.equal(torch.get_rng_state(), state)
+    assert losses[0] == losses[1]
+    for rank in (0, 1):  # the same data and draws as rank 0's first step, rank 1's masks
+        trainer = make_trainer(dropout=0.5)
+        randomize(trainer.model)
+        first_draws = trainer._global_draws(fixed_batch(seed=0)["images"].shape)
+        trainer._global_draws = lambda shape, draws=first_draws: draws
+        trainer.rank = rank
+        loss = trainer.train_step(fixed_batch(seed=0))["loss"]
+        assert (loss == losses[0][0]) == (rank == 0)
 
 
 def test_loading_a_checkpoint_drops_the_window_in_progress():
