@@ -30,7 +30,7 @@ from diffusion.checkpoint import (
     save_run_checkpoint,
 )
 from diffusion.data import all_captions, build_dataset, collate
-from diffusion.trainer import AdvancedDiffusionTrainer, GlobalBatchSampler
+from diffusion.trainer import AdvancedDiffusionTrainer, GlobalBatchSampler, resume_position
 from nets import AdvancedUNet, keep_freed_memory
 from sampling import AdvancedDiffusionPipeline, make_grid
 
@@ -177,6 +177,12 @@ def main(argv=None):
     except ValueError as err:
         fail(err)
     epoch, batch_in_epoch = position.get("epoch", 0), position.get("batch", 0)
+    data_shape = {"global_batch": batches.global_batch, "dataset_size": len(dataset),
+                  "seed": config.seed}
+    epoch, batch_in_epoch, moved = resume_position(epoch, batch_in_epoch, position, data_shape,
+                                                   batches.batches_per_epoch)
+    if moved and is_main:
+        print(moved, file=sys.stderr)
     prompts = list(config.sample_prompts) or all_captions()[::SAMPLE_CAPTION_STRIDE]
     writer, metrics_file = None, None
     if is_main:
@@ -195,7 +201,8 @@ def main(argv=None):
 
     def checkpoint():
         if is_main:
-            save_run_checkpoint(trainer.state_dict({"epoch": epoch, "batch": batch_in_epoch}),
+            save_run_checkpoint(trainer.state_dict({"epoch": epoch, "batch": batch_in_epoch,
+                                                    **data_shape}),
                                 run_dir, trainer.global_step, config.keep_last)
 
     stop = StopFlag()

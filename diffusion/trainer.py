@@ -480,7 +480,15 @@ class AdvancedDiffusionTrainer:
         resume is bit-exact. A checkpoint saved without an EMA (use_ema=False) resumed with
         use_ema=True starts the EMA from the loaded weights, with a warning."""
         _check_complete(state)
-        check_same_model(config_from_checkpoint(state), self.config)
+        saved = config_from_checkpoint(state)
+        check_same_model(saved, self.config)
+        accumulation = self.config.gradient_accumulation_steps
+        if state.get("accumulation_window") is not None \
+                and saved.gradient_accumulation_steps != accumulation:
+            raise ValueError(
+                f"the checkpoint was saved inside an accumulation window of "
+                f"gradient_accumulation_steps={saved.gradient_accumulation_steps}; resume it "
+                f"with that value (got {accumulation})")
         self.model.load_state_dict(state["model"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         if self.ema is not None and state["ema"] is None:
@@ -523,6 +531,8 @@ class AdvancedDiffusionTrainer:
             self._window_nonfinite = bool(window["nonfinite"])
         else:
             self._window_losses, self._window_nonfinite = [], False
+            if self._micro_step % accumulation:  # saved with another gradient_accumulation_steps
+                self._micro_step += accumulation - self._micro_step % accumulation  # full window
         return state.get("extra", {})
 
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
@@ -587,3 +597,24 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         G = self.global_batch
         for b in range(self.start_batch, self.batches_per_epoch):
             yield order[b * G:(b + 1) * G][self.rank::self.world_size].tolist()
+
+
+def resume_position(epoch: int, batch: int, saved: dict, now: dict, batches_per_epoch: int):
+    """Where to resume in the data: (epoch, batch, message or ""). The saved position (epoch,
+    batch) counts global batches of the saving run. The epoch's order depends on the seed and
+    the dataset size only, so with a new global batch the run goes on after the items already
+    seen (skipping fewer than one batch); with a new seed or dataset size the order is another
+    one, and the run goes on from the start of the next epoch. Checkpoints from before these
+    were saved resume as saved."""
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    if not changed or batch == 0:
+        return epoch, batch, ""
+    what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    if changed.keys() == {"global_batch"}:
+        seen = batch * saved["global_batch"]
+        batch = -(-seen // now["global_batch"])
+        if batch < batches_per_epoch:
+            return epoch, batch, (f"{what} since the checkpoint: epoch {epoch} goes on after its "
+                                  f"first {seen} items, at batch {batch}")
+    return epoch + 1, 0, (f"{what} since the checkpoint: the rest of epoch {epoch}'s order is "
+                          f"another one; training goes on from the start of epoch {epoch + 1}")

@@ -24,6 +24,7 @@ from diffusion.trainer import (
     autocast_dtype,
     dropout_seed,
     parameter_groups,
+    resume_position,
     validation_timesteps,
 )
 from nets import AdvancedUNet
@@ -405,6 +406,54 @@ def test_dropout_masks_are_seeded_per_micro_step_and_rank():
         trainer.rank = rank
         loss = trainer.train_step(fixed_batch(seed=0))["loss"]
         assert (loss == losses[0][0]) == (rank == 0)
+
+
+def test_resuming_with_another_gradient_accumulation_starts_a_full_window():
+    """Saved between windows with accumulation 2 (micro-step 2) and resumed with 3, the first
+    window used to update after one micro-batch; a checkpoint saved inside a window can only
+    resume with the accumulation it was saved with."""
+    trainer = make_trainer(gradient_accumulation_steps=2, use_ema=False)
+    for i in range(2):
+        trainer.train_step(fixed_batch(seed=i))
+    between = trainer.state_dict()
+    trainer.train_step(fixed_batch(seed=2))
+    inside = trainer.state_dict()
+    resumed = make_trainer(gradient_accumulation_steps=3, use_ema=False)
+    resumed.load_state_dict(between)
+    assert not resumed.accumulating
+    updates = [resumed.train_step(fixed_batch(seed=i))["updated"] for i in range(3)]
+    assert updates == [False, False, True] and resumed.global_step == 2
+    with pytest.raises(ValueError, match=r"inside an accumulation window of "
+                                         r"gradient_accumulation_steps=2; resume it with that "
+                                         r"value \(got 3\)"):
+        make_trainer(gradient_accumulation_steps=3, use_ema=False).load_state_dict(inside)
+
+
+def test_resume_position_when_the_global_batch_or_the_data_changed():
+    """The saved (epoch, batch) counts the saving run's global batches: resumed under 2
+    processes instead of 1, it named other items (4 of the epoch were never seen)."""
+    saved = {"global_batch": 4, "dataset_size": 40, "seed": 0}
+    same = resume_position(2, 3, saved, dict(saved), 10)
+    assert same == (2, 3, "")
+    assert resume_position(2, 3, {}, dict(saved), 10) == (2, 3, "")  # older checkpoints
+    assert resume_position(2, 0, saved, {**saved, "dataset_size": 41}, 10) == (2, 0, "")
+    for change in ({"dataset_size": 41}, {"seed": 1}, {"dataset_size": 41, "global_batch": 8}):
+        epoch, batch, message = resume_position(2, 3, saved, {**saved, **change}, 10)
+        assert (epoch, batch) == (3, 0) and "goes on from the start of epoch 3" in message
+    # a new global batch (4 -> 8): after the 12 items seen, at batch 2 (items 16..), skipping 4
+    epoch, batch, message = resume_position(2, 3, saved, {**saved, "global_batch": 8}, 5)
+    assert (epoch, batch) == (2, 2) and "goes on after its first 12 items, at batch 2" in message
+    one = GlobalBatchSampler(40, 4, seed=0)
+    one.set_position(2, 0)
+    first = [i for b, items in zip(range(3), one) for i in items]
+    ranks = [GlobalBatchSampler(40, 4, world_size=2, rank=r, seed=0) for r in range(2)]
+    rest = []
+    for sampler in ranks:
+        sampler.set_position(epoch, batch)
+        rest += [i for items in sampler for i in items]
+    assert not set(first) & set(rest) and len(set(first) | set(rest)) == 40 - 4
+    # 4 -> 16 at batch 9 of 10: past the epoch's last batch of 16, the next epoch
+    assert resume_position(2, 9, saved, {**saved, "global_batch": 16}, 2)[:2] == (3, 0)
 
 
 def test_loading_a_checkpoint_drops_the_window_in_progress():
