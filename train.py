@@ -29,12 +29,13 @@ from diffusion.checkpoint import (
     load_checkpoint_file,
     save_run_checkpoint,
 )
-from diffusion.data import all_captions, build_dataset, collate
+from diffusion.data import ImageFolderDataset, all_captions, build_dataset, collate
 from diffusion.trainer import AdvancedDiffusionTrainer, GlobalBatchSampler, resume_position
 from nets import AdvancedUNet, keep_freed_memory
 from sampling import AdvancedDiffusionPipeline, make_grid
 
 SAMPLE_CAPTION_STRIDE = 3  # every third caption: a mix of colours and shapes
+SAMPLE_PROMPTS = 8  # a folder dataset's sample grid: its first 8 distinct captions
 
 
 def parse_args(argv=None):
@@ -53,6 +54,15 @@ def load_config(args) -> DiffusionConfig:
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
     return DiffusionConfig.from_yaml(args.config).with_overrides(overrides)
+
+
+def default_sample_prompts(dataset) -> list[str]:
+    """The sample grids' prompts when sample_prompts is empty: every third shapes caption, or
+    the first distinct captions of a folder dataset (its own prompts, not shapes')."""
+    if not isinstance(dataset, ImageFolderDataset):
+        return all_captions()[::SAMPLE_CAPTION_STRIDE]
+    distinct = list(dict.fromkeys(c for c in dataset.captions if c))[:SAMPLE_PROMPTS]
+    return distinct or [""] * SAMPLE_PROMPTS
 
 
 def fail(reason):
@@ -183,7 +193,7 @@ def main(argv=None):
                                                    batches.batches_per_epoch)
     if moved and is_main:
         print(moved, file=sys.stderr)
-    prompts = list(config.sample_prompts) or all_captions()[::SAMPLE_CAPTION_STRIDE]
+    prompts = list(config.sample_prompts) or default_sample_prompts(dataset)
     writer, metrics_file = None, None
     if is_main:
         try:

@@ -235,7 +235,9 @@ class DiffusionConfig:
     save_every: int = _field(500, "Steps between checkpoints.", low=1)
     sample_every: int = _field(500, "Steps between sample grids.", low=1)
     keep_last: int = _field(3, "Checkpoints kept on disk.", low=1)
-    sample_prompts: tuple[str, ...] = _field((), "Prompts of the sample grids.")
+    sample_prompts: tuple[str, ...] = _field(
+        (), "Prompts of the sample grids; empty: every third shapes caption, or a folder "
+            "dataset's first 8 distinct captions.")
 
     def __setattr__(self, name: str, value: Any) -> None:
         spec = _FIELDS.get(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import warnings
 from collections import deque
@@ -368,7 +369,11 @@ def _read_metadata(path: Path, root: Path) -> dict[Path, str]:
                 or not isinstance(entry.get("text"), str):
             raise ValueError(f"{where} must be an object with string 'file_name' and 'text'; "
                              f"got {line[:80]!r}")
-        image = root / entry["file_name"]
+        relative = Path(os.path.normpath(entry["file_name"]))  # "sub/../a.png" is "a.png"
+        if relative.is_absolute() or relative.parts[0] == "..":
+            raise ValueError(f"{where} names file_name={entry['file_name']!r}, which is not "
+                             f"inside the folder; use a path relative to {root}")
+        image = root / relative
         if image.suffix.lower() not in IMAGE_EXTENSIONS:
             raise ValueError(f"{where} names file_name={entry['file_name']!r}, which is not an "
                              f"image; allowed extensions: {list(IMAGE_EXTENSIONS)}")

@@ -260,6 +260,16 @@ def test_folder_reads_png_jpeg_webp(tmp_path):
     assert grey[0]["image"].shape == (1, 8, 8)
 
 
+def test_metadata_file_names_are_normalised(tmp_path):
+    """"sub/../a.png" passed every check and then matched no image: its caption was dropped
+    with a 'no caption' warning."""
+    solid((1, 2, 3)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "sub/../a.png", "text": "red"}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ImageFolderDataset(tmp_path, sample_size=8).captions == ["red"]
+
+
 def test_folder_captions_metadata_then_txt_then_empty(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.png", "b.png", "c.png", "sub/d.png"):
@@ -542,6 +552,12 @@ def test_folder_skips_high_depth_values_out_of_range(tmp_path, array, message):
     ('{"file_name": "a.png", "text": "again"}', r"line 2 repeats file_name='a.png' .*line 1"),
     ('{"file_name": "notes.txt", "text": "x"}',
      r"line 2 names file_name='notes.txt', which is not an image"),
+    ('{"file_name": "sub/../a.png", "text": "x"}',  # the same file, written another way
+     r"line 2 repeats file_name='sub/../a.png' .*line 1"),
+    ('{"file_name": "../a.png", "text": "x"}',
+     r"line 2 names file_name='../a.png', which is not inside the folder"),
+    ('{"file_name": "/etc/a.png", "text": "x"}',
+     r"line 2 names file_name='/etc/a.png', which is not inside the folder"),
 ])
 def test_folder_metadata_errors_name_the_line(tmp_path, second_line, message):
     solid((1, 2, 3)).save(tmp_path / "a.png")

@@ -240,6 +240,30 @@ def test_folders_with_unloadable_or_lone_last_checkpoints_are_never_overwritten(
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
+def test_default_sample_prompts_come_from_the_dataset(tmp_path):
+    """A folder run was sampled with shapes captions ('a red circle', ...) by default."""
+    import importlib.util
+
+    from diffusion.data import ImageFolderDataset, ShapesDataset, all_captions
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shapes = ShapesDataset(size=24, sample_size=16)
+    assert script.default_sample_prompts(shapes) == all_captions()[::3]
+    captions = ["a cat", "", "a dog", "a cat"] + [f"bird {i}" for i in range(10)]
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i:02d}.png")
+        (tmp_path / f"{i:02d}.txt").write_text(caption)
+    folder = ImageFolderDataset(tmp_path, sample_size=8)
+    expected = ["a cat", "a dog"] + [f"bird {i}" for i in range(6)]
+    assert script.default_sample_prompts(folder) == expected
+    for i in range(len(captions)):
+        (tmp_path / f"{i:02d}.txt").write_text("")
+    uncaptioned = ImageFolderDataset(tmp_path, sample_size=8)  # empty captions
+    assert script.default_sample_prompts(uncaptioned) == [""] * 8
+
+
 def write_bad_inputs(tmp_path):
     """The files the bad-argument cases name: a plain file, nine images, broken checkpoints
     and a config that is not YAML."""
