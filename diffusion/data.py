@@ -339,7 +339,7 @@ HIGH_DEPTH_WHITE: dict[str, float] = {"I;16": 65535, "I;16L": 65535, "I;16B": 65
                                       "I;16N": 65535, "I": 65535, "F": 1.0}
 FLIP_PROBABILITY = 0.5
 # What a broken file can raise while PIL decodes it (truncated, garbage, hostile sizes).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
                   Image.DecompressionBombError)
 
 
@@ -488,7 +488,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 continue
             try:
                 image = self.load(self.paths[candidate])
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 self._bad.add(candidate)
                 self.skipped.append(self.paths[candidate])
                 warnings.warn(f"skipping unreadable image {self.paths[candidate]} "

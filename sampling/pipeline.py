@@ -11,12 +11,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
 from diffusion.checkpoint import MODEL_FIELDS, CheckpointError, config_from_checkpoint
 from diffusion.config import MAX_SEED
+from diffusion.data import DECODE_ERRORS, HIGH_DEPTH_WHITE, unit_float_image
 from diffusion.scheduler import check_strength
 from diffusion.trainer import TextConditionedDenoiser, check_image_range
 from nets import AdvancedUNet, TextEncoder
@@ -110,10 +112,13 @@ def open_image(path: str | Path, name: str) -> Image.Image:
         raise ValueError(f"{name} {str(path)!r} does not exist")
     if path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a folder, not an image file")
+    image = None
     try:
         image = Image.open(path)
-        image.load()
-    except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError included
+        image.load()  # which closes the file of a single-frame image
+    except DECODE_ERRORS as err:
+        if image is not None:
+            image.close()  # UnidentifiedImageError, broken chunks (SyntaxError), ...
         raise ValueError(f"{name} {str(path)!r} cannot be read as an image: {err}") from None
     return image
 
@@ -195,8 +200,17 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def from_pil(image: Image.Image, channels: int) -> torch.Tensor:
-    """A PIL image -> (1, channels, H, W) in [-1, 1], converted to L, LA, RGB or RGBA."""
+    """A PIL image -> (1, channels, H, W) in [-1, 1], converted to L, LA, RGB or RGBA. High
+    bit depth greyscale (16-bit PNGs, mode F in [0, 1]) is scaled to full precision, as the
+    training data is (convert() would clip it at 255: white); an alpha channel is then 1."""
     check_pil_channels(channels)
+    if image.mode in HIGH_DEPTH_WHITE:
+        image = unit_float_image(image)
+    if image.mode == "F":
+        grey = torch.from_numpy(np.asarray(image, dtype=np.float32).clip(0, 1))  # (H, W)
+        colour = 1 if channels < 3 else 3
+        planes = [grey] * colour + [torch.ones_like(grey)] * (channels - colour)
+        return (torch.stack(planes) * 2 - 1).unsqueeze(0)
     image = image.convert(PIL_MODES[channels])
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     x = x.reshape(image.height, image.width, channels).permute(2, 0, 1)  # (C, H, W)
@@ -531,6 +545,8 @@ class AdvancedDiffusionPipeline:
         height = self.config.sample_size if height is None else height
         width = self.config.sample_size if width is None else width
         self._check_size(height, width)
+        if image.mode in HIGH_DEPTH_WHITE:  # to mode F in [0, 1] before resizing
+            image = unit_float_image(image)
         init = from_pil(image.resize((width, height), Image.BICUBIC), self.config.in_channels)
         self._check_num_images(num_images)
         init = init.expand(num_images, -1, -1, -1)

@@ -1,5 +1,6 @@
 """AdvancedDiffusionPipeline and sample.py: guidance, seeds, image-to-image, toggles, errors."""
 
+import io
 import json
 import os
 import subprocess
@@ -15,12 +16,12 @@ from PIL import Image
 import sample as sample_script
 import sampling.evaluate as evaluate_script
 import sampling.pipeline as pipeline_module
-from diffusion import AdvancedDiffusionTrainer, AdvancedScheduler, CheckpointError
+from diffusion import AdvancedDiffusionTrainer, AdvancedScheduler, CheckpointError, all_captions
 from diffusion.config import MAX_SEED
 from nets import AdvancedUNet, TextEncoder
 from sampling import AdvancedDiffusionPipeline, guided_model_fn, to_pil
 from sampling.evaluate import sample_all_captions
-from sampling.pipeline import from_pil, parse_device
+from sampling.pipeline import from_pil, open_image, parse_device
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -175,7 +176,8 @@ def test_img2img_strength_one_ignores_the_input(pipeline):
 
 
 def test_img2img_runs_the_remaining_steps_from_the_right_noise_level(pipeline):
-    """The input is noised to exactly the first timestep then denoised (not one step off)."""
+    """The input is noised to exactly the first timestep then denoised (not one step off),
+    with the noise of its seed (3: conftest seeds the global RNG with 0, which would match)."""
     n, strength = 10, 0.5
     calls = []
     forward = pipeline.unet.forward
@@ -187,14 +189,14 @@ def test_img2img_runs_the_remaining_steps_from_the_right_noise_level(pipeline):
     init = init_image()
     pipeline.unet.forward = recording
     try:
-        images_of(pipeline, ["a red circle"], [0], init_images=init, strength=strength,
+        images_of(pipeline, ["a red circle"], [3], init_images=init, strength=strength,
                   num_inference_steps=n)
     finally:
         del pipeline.unet.forward
     pipeline.scheduler.set_timesteps(n)
     remaining = pipeline.scheduler.timesteps[n - 5:].tolist()
     assert [t for t, _ in calls] == remaining  # 5 of 10 steps, the last five
-    noise = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    noise = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(3))
     expected_first = pipeline.scheduler.add_noise(init, remaining[0], noise=noise)
     torch.testing.assert_close(calls[0][1], expected_first)
 
@@ -504,6 +506,38 @@ def test_an_unconditional_unet_trains_saves_and_samples(tmp_path):
     assert torch.equal(images[0], images[1])  # same seed: the prompt changes nothing
 
 
+def test_a_png_with_a_broken_chunk_is_a_clear_error(tmp_path):
+    """PIL raises SyntaxError for a broken chunk, which open_image let through (a traceback)."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, "PNG")  # 192 KB: several IDAT chunks
+    data = bytearray(buffer.getvalue())
+    chunk = data.find(b"IDAT", data.find(b"IDAT") + 4)
+    data[chunk:chunk + 4] = b"\0\1\2\3"  # the second chunk's type: the header still reads
+    (tmp_path / "broken.png").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"--init-image '.*broken.png' cannot be read as an "
+                                         r"image: broken PNG file"):
+        open_image(tmp_path / "broken.png", "--init-image")
+
+
+def test_16_bit_init_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (mode I;16) went through convert('RGB'), which clips at 255: mid-grey came
+    out white (+1). It is scaled like the training data now."""
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "grey16.png")
+    image = open_image(tmp_path / "grey16.png", "image")
+    assert image.mode.startswith("I;16")
+    for channels in (1, 2, 3, 4):
+        x = from_pil(image, channels)
+        assert x.shape == (1, channels, 16, 16)
+        colour = 1 if channels < 3 else 3
+        grey = torch.full_like(x[:, :colour], 32768 / 65535 * 2 - 1)
+        torch.testing.assert_close(x[:, :colour], grey)
+        assert (x[:, colour:] == 1).all()  # alpha: opaque
+    pipe = AdvancedDiffusionPipeline(tiny_config())
+    out = pipe.generate_variations(tmp_path / "grey16.png", "a red circle", strength=0.0, seed=0)
+    assert set(out.getdata()) == {(128, 128, 128)}  # strength 0 returns the input
+
+
 def test_from_checkpoint_without_ema_weights_warns(tmp_path):
     config = tiny_config(use_ema=False)
     path = AdvancedDiffusionTrainer(AdvancedUNet(config), config).save_checkpoint(
@@ -659,6 +693,8 @@ def test_sample_script_checks_its_arguments_before_loading(tmp_path, monkeypatch
          f"--init-image {str(tmp_path)!r} is a folder, not an image file"),
         (("--strength", 0.3, "--out", tmp_path / "o"),
          "--strength 0.3 is for image-to-image; it needs --init-image"),
+        (("--strength", 0, "--out", tmp_path / "o"),
+         "--strength 0.0 is for image-to-image; it needs --init-image"),
     ]:
         assert script_error(sample_script, monkeypatch, capsys, *base, *flags) \
             .startswith(f"sample.py: {message}"), flags
@@ -883,3 +919,195 @@ def test_parse_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda': this machine has no CUDA GPU"):
             parse_device("cuda")
+
+
+# ---- helpers, settings and scripts, pinned by a mutation sweep ----
+
+def test_check_output_path_takes_an_existing_folder_and_checks_its_own_access(tmp_path,
+                                                                               monkeypatch):
+    """A folder output may already exist; what must be writable is that folder itself."""
+    check = pipeline_module.check_output_path
+    assert check(tmp_path, "--out", folder=True) == tmp_path
+    monkeypatch.setattr(pipeline_module.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ValueError, match=rf"the folder '{tmp_path}' is not writable"):
+        check(tmp_path, "--out", folder=True)
+
+
+def test_open_image_refuses_a_truncated_file(tmp_path):
+    """The whole image is decoded when opened, so a cut-off PNG fails there, not mid-run."""
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(ValueError, match=rf"--init-image '{path}' cannot be read as an image"):
+        pipeline_module.open_image(path, "--init-image")
+
+
+def test_generate_takes_tuples_of_prompts_and_seeds(pipeline):
+    as_tuples = images_of(pipeline, ("a red circle",), (0,), num_inference_steps=1)
+    assert torch.equal(as_tuples, images_of(pipeline, ["a red circle"], [0],
+                                            num_inference_steps=1))
+
+
+@pytest.mark.parametrize("field, value", [("beta_schedule", "cosine"), ("beta_start", 0.0002),
+                                          ("beta_end", 0.03), ("rescale_betas_zero_snr", True)])
+def test_pipeline_refuses_a_scheduler_of_another_noise_schedule(field, value):
+    """Every SCHEDULE_FIELDS entry is compared, not only the two the test above uses."""
+    config = tiny_config(prediction_type="v_prediction", v_prediction=True)
+    other = AdvancedScheduler(config.with_overrides({field: value}))
+    with pytest.raises(ValueError, match=rf"{field}: scheduler {value!r} vs config"):
+        AdvancedDiffusionPipeline(config, scheduler=other)
+
+
+def test_make_grid_layout():
+    """8 columns by default, a partial last row kept, image i at (row i // columns, column
+    i % columns); captions add CAPTION_HEIGHT under each cell and widen it to CAPTION_WIDTH."""
+    images = torch.zeros(10, 3, 2, 2)
+    images[2, 0] = 1  # red
+    grid = pipeline_module.make_grid(images)  # cells of 2 * 2 pixels + GRID_PAD 2 = 6
+    assert grid.size == (8 * 6, 2 * 6)
+    assert grid.getpixel((2 * 6 + 1, 1)) == (255, 0, 0) and grid.getpixel((1, 1)) == (0, 0, 0)
+    captioned = pipeline_module.make_grid(images[:3], ["a", "b", "c"], columns=2)
+    assert captioned.size == (2 * (96 + 2), 2 * (4 + 12 + 2))
+
+
+def test_decode_latents_rescales_and_clamps():
+    torch.testing.assert_close(pipeline_module.decode_latents(torch.tensor([-3.0, -1, 0, 1, 3])),
+                               torch.tensor([0.0, 0, 0.5, 1, 1]))
+
+
+def test_per_call_guidance_scale_is_used(pipeline):
+    """guidance_scale=1 runs the conditional forward alone whatever the config's scale (7.5)."""
+    batches = []
+    forward = pipeline.unet.forward
+
+    def recording(x, t, context, mask):
+        batches.append(x.shape[0])
+        return forward(x, t, context, mask)
+
+    pipeline.unet.forward = recording
+    try:
+        images_of(pipeline, ["a red circle"], [0], num_inference_steps=1, guidance_scale=1.0)
+        images_of(pipeline, ["a red circle"], [0], num_inference_steps=1, guidance_scale=3.0)
+    finally:
+        del pipeline.unet.forward
+    assert batches == [1, 2]
+
+
+def test_per_call_sampler_and_eta_are_used(pipeline):
+    """sampler='ddpm' and ddim's eta=1 change the images from the config's ddim with eta 0."""
+    ddim = images_of(pipeline, ["a red circle"], [0], num_inference_steps=2)
+    for kw in (dict(sampler="ddpm"), dict(eta=1.0)):
+        other = images_of(pipeline, ["a red circle"], [0], num_inference_steps=2, **kw)
+        assert (other - ddim).abs().max() > 0.01, kw
+
+
+def test_generate_variations_of_a_wide_image_several_times(pipeline):
+    """width x height as PIL orders them, num_images copies: strength 0 returns the input."""
+    image = Image.new("RGB", (32, 16), (255, 0, 0))
+    image.paste((0, 0, 255), (16, 0, 32, 16))
+    out = pipeline.generate_variations(image, "a red circle", strength=0.0, width=32,
+                                       height=16, num_images=2, seed=0)
+    assert [o.tobytes() for o in out] == [image.tobytes()] * 2
+
+
+def test_sample_all_captions_pairs_each_caption_with_seeds_0_to_n_minus_1():
+    """Caption-major (the grid and the scores rely on it), seeds 0..n-1, in batches."""
+    calls = []
+
+    class Recorder:
+        def generate(self, prompts, seeds, **kw):
+            calls.append((prompts, seeds, kw))
+            return torch.tensor(seeds, dtype=torch.float).reshape(-1, 1, 1, 1)
+
+    images, prompts = sample_all_captions(Recorder(), 2, batch_size=5, sampler="ddpm")
+    assert prompts == [c for c in all_captions() for _ in range(2)]
+    assert [p for call in calls for p in call[0]] == prompts
+    assert images.flatten().tolist() == [0, 1] * 24
+    assert [len(call[1]) for call in calls] == [5] * 9 + [3]
+    assert all(call[2] == {"sampler": "ddpm"} for call in calls)
+
+
+@pytest.fixture
+def fresh_checkpoint(tmp_path):
+    """An untrained tiny checkpoint, saved in milliseconds (no train.py run)."""
+    config = tiny_config()
+    return AdvancedDiffusionTrainer(AdvancedUNet(config), config).save_checkpoint(
+        tmp_path / "fresh.pt")
+
+
+def test_evaluate_scores_images_in_minus_1_1_against_the_right_prompts(fresh_checkpoint,
+                                                                       monkeypatch):
+    """The checker gets images * 2 - 1, and a permutation of the prompts under
+    --shuffle-prompts (the control), the prompts themselves otherwise."""
+    images = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = [c for c in all_captions() for _ in range(2)]
+    monkeypatch.setattr(evaluate_script, "sample_all_captions", lambda *a, **k: (images, prompts))
+    monkeypatch.setattr(evaluate_script, "keep_freed_memory", lambda: True)
+    scored = []
+
+    def adherence(x, p):
+        scored.append((x, p))
+        return {k: 0.0 for k in ("colour", "shape", "both", "chance_colour", "chance_shape",
+                                 "chance_both")}
+
+    monkeypatch.setattr(evaluate_script, "shapes_adherence", adherence)
+    base = ["--checkpoint", str(fresh_checkpoint), "--seeds", "2", "--device", "cpu"]
+    assert evaluate_script.main(base) == evaluate_script.main(base + ["--shuffle-prompts"]) == 0
+    (plain_images, plain), (_, shuffled) = scored
+    assert torch.equal(plain_images, images * 2 - 1) and plain == prompts
+    assert shuffled != prompts and sorted(shuffled) == sorted(prompts)
+
+
+@pytest.mark.parametrize("grid_seeds, keep", [("1", 1), ("5", 3)])
+def test_evaluate_grid_shows_the_first_seeds_of_each_caption(fresh_checkpoint, tmp_path,
+                                                             monkeypatch, grid_seeds, keep):
+    """--grid-seeds N (at most --seeds) picks seeds 0..N-1 of every caption, one colour per
+    row of N x 4 shapes."""
+    images = torch.arange(72.0).reshape(72, 1, 1, 1)  # image i is the number i
+    prompts = [c for c in all_captions() for _ in range(3)]
+    monkeypatch.setattr(evaluate_script, "sample_all_captions", lambda *a, **k: (images, prompts))
+    monkeypatch.setattr(evaluate_script, "keep_freed_memory", lambda: True)
+    monkeypatch.setattr(evaluate_script, "shapes_adherence", lambda x, p: {
+        k: 0.0 for k in ("colour", "shape", "both", "chance_colour", "chance_shape",
+                         "chance_both")})
+    grids = []
+
+    class Grid:
+        def save(self, path):
+            pass
+
+    def make_grid(x, captions, columns):
+        grids.append((x.flatten().tolist(), captions, columns))
+        return Grid()
+
+    monkeypatch.setattr(evaluate_script, "make_grid", make_grid)
+    assert evaluate_script.main(["--checkpoint", str(fresh_checkpoint), "--seeds", "3",
+                                 "--grid", str(tmp_path / "g.png"),
+                                 "--grid-seeds", grid_seeds]) == 0
+    picked = [i for i in range(72) if i % 3 < keep]
+    assert grids == [(picked, [prompts[i] for i in picked], keep * 4)]
+
+
+def test_sample_script_img2img_batch_into_a_captioned_grid(fresh_checkpoint, tmp_path,
+                                                          monkeypatch):
+    """--num-images with --init-image (strength 0: the input each time) into OUT.PNG (a grid,
+    whatever the suffix's case) in new nested folders, the prompt under each image."""
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "in.png")
+    monkeypatch.setattr(sample_script, "keep_freed_memory", lambda: True)
+    out = tmp_path / "a" / "b" / "OUT.PNG"
+    assert sample_script.main([str(a) for a in (
+        "--checkpoint", fresh_checkpoint, "--prompt", "a red circle", "--num-images", 2,
+        "--device", "cpu", "--init-image", tmp_path / "in.png", "--strength", 0,
+        "--out", out)]) == 0
+    grid = Image.open(out)
+    assert grid.size == (2 * (96 + 2), 32 + 12 + 2)  # two 32-pixel cells with caption room
+    assert grid.getpixel((5, 5)) == grid.getpixel((98 + 5, 5)) == (0, 255, 0)
+    assert grid.crop((0, 32, 98, 44)).getextrema()[0][0] < 255  # the caption's text
+
+
+def test_generate_image_keeps_each_prompts_images_together(pipeline):
+    """num_images per prompt: prompt 0 with seeds s, s + 1, then prompt 1 with s + 2, s + 3."""
+    kw = dict(num_inference_steps=1, guidance_scale=3.0)
+    pils = pipeline.generate_image(["a red circle", "a blue square"], num_images=2, seed=4, **kw)
+    expected = pipeline.generate(["a red circle"] * 2 + ["a blue square"] * 2, [4, 5, 6, 7], **kw)
+    assert [p.tobytes() for p in pils] == [to_pil(x).tobytes() for x in expected]
