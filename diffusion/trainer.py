@@ -7,10 +7,11 @@ A training step (Ho et al. 2020, Algorithm 1, with the guide's additions):
   loss = mean_b w_b * loss_type(net(x_t, t, text), target_b), w = min-SNR-gamma weight,
   then gradient accumulation, clipping at max_grad_norm, AdamW, LR schedule, EMA update.
 
-All training randomness (timesteps, noise, prompt dropout) comes from one torch.Generator
-seeded with config.seed and saved in checkpoints; under DistributedDataParallel every rank
-draws the numbers for the whole global batch and keeps its own slice, so N processes train
-exactly like one process with the same global batch.
+Timesteps, noise and prompt dropout come from one torch.Generator seeded with config.seed and
+saved in checkpoints; under DistributedDataParallel every rank draws the numbers for the whole
+global batch and keeps its own slice, so N processes train exactly like one process with the
+same global batch when dropout is 0. Dropout masks come from the global torch RNG, seeded per
+micro-batch and rank (dropout_seed): independent across ranks, the same again on resume.
 """
 
 import hashlib
