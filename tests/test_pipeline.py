@@ -45,6 +45,18 @@ def pipeline():
                                      randomised(TextEncoder.from_config(config), 2))
 
 
+def record_batch_sizes(pipe) -> list[int]:
+    """Record the batch size of every UNet forward of `pipe` (`del pipe.unet.forward` undoes)."""
+    batches, forward = [], pipe.unet.forward
+
+    def recording(x, t, context=None, mask=None):
+        batches.append(x.shape[0])
+        return forward(x, t, context, mask)
+
+    pipe.unet.forward = recording
+    return batches
+
+
 def images_of(pipeline, prompts, seeds, **kw):
     kw.setdefault("num_inference_steps", 4)
     kw.setdefault("guidance_scale", 3.0)
@@ -207,14 +219,7 @@ def test_settings_left_out_come_from_the_config():
     guidance 1, i.e. 3 forwards of the conditional batch alone."""
     config = tiny_config(num_inference_steps=3, guidance_scale=1.0)
     pipe = AdvancedDiffusionPipeline(config)
-    batches = []
-    forward = pipe.unet.forward
-
-    def recording(x, t, context, mask):
-        batches.append(x.shape[0])
-        return forward(x, t, context, mask)
-
-    pipe.unet.forward = recording
+    batches = record_batch_sizes(pipe)
     pipe.generate_image("a red circle", seed=0)
     assert batches == [1, 1, 1]
     batches.clear()
@@ -977,14 +982,7 @@ def test_decode_latents_rescales_and_clamps():
 
 def test_per_call_guidance_scale_is_used(pipeline):
     """guidance_scale=1 runs the conditional forward alone whatever the config's scale (7.5)."""
-    batches = []
-    forward = pipeline.unet.forward
-
-    def recording(x, t, context, mask):
-        batches.append(x.shape[0])
-        return forward(x, t, context, mask)
-
-    pipeline.unet.forward = recording
+    batches = record_batch_sizes(pipeline)
     try:
         images_of(pipeline, ["a red circle"], [0], num_inference_steps=1, guidance_scale=1.0)
         images_of(pipeline, ["a red circle"], [0], num_inference_steps=1, guidance_scale=3.0)
