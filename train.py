@@ -167,7 +167,8 @@ def main(argv=None):
         dataset = build_dataset(config)
         batches = GlobalBatchSampler(len(dataset), config.batch_size, world_size=world,
                                      rank=rank, seed=config.seed)
-    except (ValueError, OSError) as err:
+        dataset[0]  # a folder where no image decodes fails here, before anything is written
+    except (ValueError, OSError, RuntimeError) as err:
         fail(err)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     try:  # e.g. num_heads that does not divide a level's channels

@@ -279,6 +279,9 @@ def write_bad_inputs(tmp_path):
     data[len(data) // 2] ^= 0xFF  # inside the tensor's record: torch.load alone would not see it
     (tmp_path / "flipped.pt").write_bytes(bytes(data))
     (tmp_path / "broken.yaml").write_text("max_steps: [1,\n  seed")
+    (tmp_path / "garbage").mkdir()
+    for i in range(4):
+        (tmp_path / "garbage" / f"{i}.png").write_bytes(b"not a png")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -299,6 +302,8 @@ def write_bad_inputs(tmp_path):
     (["--resume", "{tmp}/old.pt"], "checkpoint '{tmp}/old.pt' holds a config this code cannot "
                                    "use: unknown config field(s): 'old_field'"),
     (["--resume", "{tmp}/flipped.pt"], "fails its CRC-32 check"),
+    (["--set", "dataset=folder", "data_dir={tmp}/garbage"],
+     "none of the 4 images in '{tmp}/garbage' could be read"),
 ])
 def test_bad_arguments_fail_clearly(tmp_path, args, message):
     """One `train.py: ...` line naming the problem, a non-zero exit and no traceback."""

@@ -429,6 +429,26 @@ def test_resuming_with_another_gradient_accumulation_starts_a_full_window():
         make_trainer(gradient_accumulation_steps=3, use_ema=False).load_state_dict(inside)
 
 
+def test_stretching_the_lr_schedule_at_resume_warns_with_both_rates():
+    """--max-steps on resume re-stretches the schedule: the LR jumped without a word (a
+    finished cosine run extended to twice its length went from ~0 to half the peak)."""
+    trainer = make_trainer(lr_scheduler="cosine", lr_warmup_steps=0, max_steps=4,
+                           use_ema=False)
+    for i in range(4):
+        trainer.train_step(fixed_batch(seed=i))
+    state = trainer.state_dict()
+    longer = make_trainer(lr_scheduler="cosine", lr_warmup_steps=0, max_steps=8, use_ema=False)
+    with pytest.warns(UserWarning, match=r"the cosine LR schedule now spans max_steps=8 "
+                                         r"\(warm-up 0\) instead of 4 \(0\): at step 4 the "
+                                         r"LR moves from 0 to 0\.0005"):
+        longer.load_state_dict(state)
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_trainer(lr_scheduler="cosine", lr_warmup_steps=0, max_steps=4,
+                     use_ema=False).load_state_dict(state)
+
+
 def test_resume_position_when_the_global_batch_or_the_data_changed():
     """The saved (epoch, batch) counts the saving run's global batches: resumed under 2
     processes instead of 1, it named other items (4 of the epoch were never seen)."""
