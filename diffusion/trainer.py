@@ -506,23 +506,22 @@ class AdvancedDiffusionTrainer:
             group["fused"] = self._fused_adamw  # the saving run's kernel choice: use this device's
             group["weight_decay"] = fresh["weight_decay"]
             group["initial_lr"] = self.config.learning_rate
-        cfg, step = self.config, int(state["step"])
-        if (saved.max_steps, saved.lr_warmup_steps) != (cfg.max_steps, cfg.lr_warmup_steps) \
-                and cfg.lr_scheduler == saved.lr_scheduler:
-            before = saved.learning_rate * _lr_factor(step, saved.lr_scheduler,
-                                                      saved.lr_warmup_steps, saved.max_steps)
-            after = cfg.learning_rate * _lr_factor(step, cfg.lr_scheduler, cfg.lr_warmup_steps,
-                                                   cfg.max_steps)
-            if after != before:
-                warnings.warn(f"the {cfg.lr_scheduler} LR schedule now spans max_steps="
-                              f"{cfg.max_steps} (warm-up {cfg.lr_warmup_steps}) instead of "
-                              f"{saved.max_steps} ({saved.lr_warmup_steps}): at step {step} the "
-                              f"LR moves from {before:.3g} to {after:.3g}", stacklevel=2)
         schedule = self.lr_scheduler
         schedule.load_state_dict(state["lr_scheduler"])
         schedule.base_lrs = [self.config.learning_rate] * len(fresh_groups)
         for group, factor in zip(self.optimizer.param_groups, schedule.lr_lambdas):
             group["lr"] = self.config.learning_rate * factor(schedule.last_epoch)
+        cfg, step = self.config, schedule.last_epoch
+        if (saved.max_steps, saved.lr_warmup_steps) != (cfg.max_steps, cfg.lr_warmup_steps) \
+                and cfg.lr_scheduler == saved.lr_scheduler:
+            before = saved.learning_rate * _lr_factor(step, saved.lr_scheduler,
+                                                      saved.lr_warmup_steps, saved.max_steps)
+            after = self.optimizer.param_groups[0]["lr"]  # the stretched schedule's, just set
+            if after != before:
+                warnings.warn(f"the {cfg.lr_scheduler} LR schedule now spans max_steps="
+                              f"{cfg.max_steps} (warm-up {cfg.lr_warmup_steps}) instead of "
+                              f"{saved.max_steps} ({saved.lr_warmup_steps}): at step {step} the "
+                              f"LR moves from {before:.3g} to {after:.3g}", stacklevel=2)
         if self.scaler is not None and state["grad_scaler"] is not None:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["rng"]["generator"])
