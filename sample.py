@@ -29,14 +29,13 @@ from nets import keep_freed_memory
 from sampling import SAMPLERS, AdvancedDiffusionPipeline, from_pil, make_grid, to_pil
 from sampling.pipeline import (
     DEFAULT_STRENGTH,
+    FROM_CONFIG,
     add_device_argument,
     check_output_path,
     check_seed,
     make_folder,
     open_image,
 )
-
-FROM_CONFIG = "default: the checkpoint config's value"
 
 
 def parse_args(argv=None):
@@ -93,8 +92,7 @@ def generate(args, prompts: list[str], seeds: list[int], init_image: Image.Image
     init, strength = None, 1.0
     if init_image is not None:
         size = (config.sample_size, config.sample_size)
-        init = from_pil(init_image.resize(size, Image.BICUBIC),
-                        config.in_channels).expand(args.num_images, -1, -1, -1)
+        init = from_pil(init_image, config.in_channels, size).expand(args.num_images, -1, -1, -1)
         strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     steps = pipeline.num_denoising_steps(settings["num_inference_steps"], strength)
     out = Path(args.out)

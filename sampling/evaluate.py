@@ -27,6 +27,7 @@ from diffusion.config import positive_int
 from nets import keep_freed_memory
 
 from .pipeline import (
+    FROM_CONFIG,
     AdvancedDiffusionPipeline,
     add_device_argument,
     check_output_path,
@@ -35,7 +36,6 @@ from .pipeline import (
 )
 
 SHUFFLE_SEED = 12345
-FROM_CONFIG = "default: the checkpoint config's value"
 
 
 @torch.no_grad()

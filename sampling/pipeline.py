@@ -29,6 +29,7 @@ CAPTION_HEIGHT = 12  # pixels of caption text under each grid cell
 GRID_PAD = 2
 CAPTION_WIDTH = 96  # room for about 16 characters of the default PIL font
 DEFAULT_STRENGTH = 0.8  # image-to-image: the guide's generate_variations example
+FROM_CONFIG = "default: the checkpoint config's value"  # the scripts' --help for such options
 PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # channels -> PIL mode
 
 
@@ -116,9 +117,9 @@ def open_image(path: str | Path, name: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # which closes the file of a single-frame image
-    except DECODE_ERRORS as err:
+    except DECODE_ERRORS as err:  # UnidentifiedImageError, broken chunks (SyntaxError), ...
         if image is not None:
-            image.close()  # UnidentifiedImageError, broken chunks (SyntaxError), ...
+            image.close()
         raise ValueError(f"{name} {str(path)!r} cannot be read as an image: {err}") from None
     return image
 
@@ -199,13 +200,17 @@ def to_pil(image: torch.Tensor) -> Image.Image:
                            mode=PIL_MODES[array.shape[2]])
 
 
-def from_pil(image: Image.Image, channels: int) -> torch.Tensor:
-    """A PIL image -> (1, channels, H, W) in [-1, 1], converted to L, LA, RGB or RGBA. High
-    bit depth greyscale (16-bit PNGs, mode F in [0, 1]) is scaled to full precision, as the
-    training data is (convert() would clip it at 255: white); an alpha channel is then 1."""
+def from_pil(image: Image.Image, channels: int,
+             size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A PIL image -> (1, channels, H, W) in [-1, 1], converted to L, LA, RGB or RGBA, and
+    resized (bicubic) to size = (width, height) when given. High bit depth greyscale (16-bit
+    PNGs, mode F in [0, 1]) is scaled to full precision, as the training data is (convert()
+    would clip it at 255: white); an alpha channel is then 1."""
     check_pil_channels(channels)
     if image.mode in HIGH_DEPTH_WHITE:
-        image = unit_float_image(image)
+        image = unit_float_image(image)  # mode F in [0, 1], resized in float below
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.BICUBIC)
     if image.mode == "F":
         grey = torch.from_numpy(np.asarray(image, dtype=np.float32).clip(0, 1))  # (H, W)
         colour = 1 if channels < 3 else 3
@@ -545,9 +550,7 @@ class AdvancedDiffusionPipeline:
         height = self.config.sample_size if height is None else height
         width = self.config.sample_size if width is None else width
         self._check_size(height, width)
-        if image.mode in HIGH_DEPTH_WHITE:  # to mode F in [0, 1] before resizing
-            image = unit_float_image(image)
-        init = from_pil(image.resize((width, height), Image.BICUBIC), self.config.in_channels)
+        init = from_pil(image, self.config.in_channels, size=(width, height))
         self._check_num_images(num_images)
         init = init.expand(num_images, -1, -1, -1)
         images = self.generate([prompt] * num_images, self._seeds(num_images, seed, generator),
