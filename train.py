@@ -30,7 +30,12 @@ from diffusion.checkpoint import (
     save_run_checkpoint,
 )
 from diffusion.data import ImageFolderDataset, all_captions, build_dataset, collate
-from diffusion.trainer import AdvancedDiffusionTrainer, GlobalBatchSampler, resume_position
+from diffusion.trainer import (
+    DATA_ORDER,
+    AdvancedDiffusionTrainer,
+    GlobalBatchSampler,
+    resume_position,
+)
 from nets import AdvancedUNet, keep_freed_memory
 from sampling import AdvancedDiffusionPipeline, make_grid
 
@@ -189,7 +194,7 @@ def main(argv=None):
         fail(err)
     epoch, batch_in_epoch = position.get("epoch", 0), position.get("batch", 0)
     data_shape = {"global_batch": batches.global_batch, "dataset_size": len(dataset),
-                  "seed": config.seed}
+                  "seed": config.seed, "data_order": DATA_ORDER}
     epoch, batch_in_epoch, moved = resume_position(epoch, batch_in_epoch, position, data_shape,
                                                    batches.batches_per_epoch)
     if moved and is_main:

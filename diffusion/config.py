@@ -40,8 +40,7 @@ LOSS_TYPES = ("l2", "l1", "huber")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION_MODES = (True, False, "no", "fp16", "bf16")
 DATASETS = ("shapes", "folder")
-# Largest seed: the signed 64-bit range, which torch's and numpy's seeding accept (torch reads a
-# seed mod 2**64, so seed + epoch in trainer.GlobalBatchSampler wraps there and cannot overflow).
+# Largest seed: the signed 64-bit range, which torch's and numpy's seeding accept.
 MAX_SEED = 2**63 - 1
 
 # YAML 1.1 reads `1e-4` as a string; researchers write learning rates that way, so our loader

@@ -53,9 +53,10 @@ IMAGE_RANGE_TOLERANCE = 1e-3
 # (clipping, AdamW, EMA) took 21.8 ms with it and 10.9 ms fused, of a 295 / 285 ms training
 # step. Elsewhere PyTorch's default stays (foreach on CUDA; not measured here, no GPU).
 FUSED_ADAMW_DEVICES = ("cpu",)
-# torch.Generator seeds are 64-bit: seed + epoch wraps here, the way torch itself reads a seed,
-# so no seed overflows and every seed + epoch below 2**64 gives the permutation it always gave.
-SEED_MODULUS = 2**64
+# Which rule shuffles an epoch; saved with a run's data position, so a checkpoint written under
+# another rule resumes from its next epoch. 1: seed + epoch (runs with adjacent seeds saw the
+# same orders one epoch apart); 2: derived_seed(seed, epoch).
+DATA_ORDER = 2
 # What load_state_dict reads from a checkpoint, "outer.inner" for nested keys (state_dict
 # writes them all); a file without one is not a complete trainer checkpoint.
 REQUIRED_CHECKPOINT_KEYS = (
@@ -64,13 +65,19 @@ REQUIRED_CHECKPOINT_KEYS = (
 )
 
 
+def derived_seed(*parts: int) -> int:
+    """A 64-bit torch seed hashed from integers: unrelated for different tuples (unlike sums,
+    where seed 1's epoch 0 would be seed 0's epoch 1), the same in every process and run."""
+    text = "/".join(str(int(part)) for part in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
     """The torch seed of one micro-batch's dropout masks on one rank. Dropout draws from the
     global torch RNG, which every rank seeds alike (same initial weights): seeding it per
     (seed, micro-step, rank) gives each rank and step its own masks, and a resumed run (which
     restores the micro-step count) the same ones."""
-    digest = hashlib.blake2b(f"{seed}/{micro_step}/{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return derived_seed(seed, micro_step, rank)
 
 
 def validation_timesteps(batch_index: int, batch_size: int, T: int) -> torch.Tensor:
@@ -575,7 +582,7 @@ def _check_complete(state: dict) -> None:
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Deterministic, resumable batches for one rank.
 
-    Epoch e shuffles the dataset with seed + e (mod SEED_MODULUS); global batch b is
+    Epoch e shuffles the dataset with `derived_seed(seed, e)`; global batch b is
     perm[b*G:(b+1)*G] with G = batch_size * world_size, and rank r takes its interleaved slice
     [r::world_size] (the trainer slices its noise the same way). The last incomplete global
     batch is dropped.
@@ -602,7 +609,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         if self.shuffle:
-            seed = (self.seed + self.epoch) % SEED_MODULUS
+            seed = derived_seed(self.seed, self.epoch)
             order = torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(self.dataset_len)
@@ -613,11 +620,13 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 def resume_position(epoch: int, batch: int, saved: dict, now: dict, batches_per_epoch: int):
     """Where to resume in the data: (epoch, batch, message or ""). The saved position (epoch,
-    batch) counts global batches of the saving run. The epoch's order depends on the seed and
-    the dataset size only, so with a new global batch the run goes on after the items already
-    seen (skipping fewer than one batch); with a new seed or dataset size the order is another
-    one, and the run goes on from the start of the next epoch. Checkpoints from before these
-    were saved resume as saved."""
+    batch) counts global batches of the saving run. The epoch's order depends on the seed, the
+    dataset size and the shuffling rule (`data_order`) only, so with a new global batch the run
+    goes on after the items already seen (skipping fewer than one batch); with a new seed,
+    dataset size or rule the order is another one, and the run goes on from the start of the
+    next epoch. A checkpoint without `data_order` was shuffled by rule 1; one without the other
+    keys resumes as if they were unchanged."""
+    saved = {"data_order": 1, **saved}
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
     if not changed or batch == 0:
         return epoch, batch, ""

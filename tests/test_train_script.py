@@ -15,6 +15,7 @@ from helpers import tiny_config
 from PIL import Image
 
 from diffusion.checkpoint import FORMAT_VERSION
+from diffusion.trainer import DATA_ORDER
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -69,7 +70,8 @@ def test_resume_through_the_script_is_bitwise_exact(tmp_path):
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(half, resumed_dir / "checkpoints" / half.name)
     result = train("--config", config, "--set", f"output_dir={resumed_dir}", "--resume", "auto")
-    assert "resuming from" in result.stderr
+    assert "resuming from" in result.stderr and "since the checkpoint" not in result.stderr
+    assert load(half)["extra"]["data_order"] == DATA_ORDER  # so a later rule can tell
     resumed = load(resumed_dir / "last.pt")
     assert resumed["step"] == straight["step"] == 4
     for key in ("model", "text_encoder"):

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from helpers import randomize, tiny_config
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffusion import (
@@ -20,8 +20,10 @@ from diffusion import (
 from diffusion.checkpoint import CheckpointError
 from diffusion.config import MAX_SEED
 from diffusion.trainer import (
+    DATA_ORDER,
     VALIDATION_SEED,
     autocast_dtype,
+    derived_seed,
     dropout_seed,
     parameter_groups,
     resume_position,
@@ -452,12 +454,17 @@ def test_stretching_the_lr_schedule_at_resume_warns_with_both_rates():
 def test_resume_position_when_the_global_batch_or_the_data_changed():
     """The saved (epoch, batch) counts the saving run's global batches: resumed under 2
     processes instead of 1, it named other items (4 of the epoch were never seen)."""
-    saved = {"global_batch": 4, "dataset_size": 40, "seed": 0}
+    saved = {"global_batch": 4, "dataset_size": 40, "seed": 0, "data_order": DATA_ORDER}
     same = resume_position(2, 3, saved, dict(saved), 10)
     assert same == (2, 3, "")
-    assert resume_position(2, 3, {}, dict(saved), 10) == (2, 3, "")  # older checkpoints
     assert resume_position(2, 0, saved, {**saved, "dataset_size": 41}, 10) == (2, 0, "")
-    for change in ({"dataset_size": 41}, {"seed": 1}, {"dataset_size": 41, "global_batch": 8}):
+    # a checkpoint without data_order was shuffled by rule 1 (seed + epoch): the rest of its
+    # epoch is another order now; one without the other keys keeps its position otherwise
+    for older in ({}, {k: v for k, v in saved.items() if k != "data_order"}):
+        epoch, batch, message = resume_position(2, 3, older, dict(saved), 10)
+        assert (epoch, batch) == (3, 0) and f"data_order 1 -> {DATA_ORDER}" in message
+    for change in ({"dataset_size": 41}, {"seed": 1}, {"dataset_size": 41, "global_batch": 8},
+                   {"data_order": DATA_ORDER + 1}):
         epoch, batch, message = resume_position(2, 3, saved, {**saved, **change}, 10)
         assert (epoch, batch) == (3, 0) and "goes on from the start of epoch 3" in message
     # a new global batch (4 -> 8): after the 12 items seen, at batch 2 (items 16..), skipping 4
@@ -793,21 +800,27 @@ def test_each_rank_draws_its_slice_of_the_global_batch_noise():
             assert torch.equal(mine, whole[index])
 
 
-@given(st.integers(0, MAX_SEED), st.integers(0, 10**6))
-def test_epoch_seed_is_unchanged_below_two_to_the_64(seed, epoch):
-    """The permutation stays the one seed + epoch always gave, for every config seed."""
-    sampler = GlobalBatchSampler(8, 8, seed=seed)
-    sampler.set_position(epoch, 0)
-    expected = torch.randperm(8, generator=torch.Generator().manual_seed(seed + epoch))
-    assert next(iter(sampler)) == expected.tolist()
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, MAX_SEED), st.integers(0, 10**6))
+def test_adjacent_seeds_do_not_share_epoch_orders(seed, epoch):
+    """Epoch e + 1 of seed s - 1 is not epoch e of seed s (with seed + epoch it was, so runs of
+    a seed sweep saw the same data orders one epoch apart), and the order is fixed by
+    (seed, epoch) alone, through derived_seed, up to the largest config seed."""
+    def order(seed, epoch):
+        sampler = GlobalBatchSampler(64, 64, seed=seed)
+        sampler.set_position(epoch, 0)
+        return next(iter(sampler))
+    mine = order(seed, epoch)
+    generator = torch.Generator().manual_seed(derived_seed(seed, epoch))
+    expected = torch.randperm(64, generator=generator)
+    assert mine == expected.tolist() == order(seed, epoch)
+    assert mine != order(seed - 1, epoch + 1) and mine != order(seed, epoch + 1)
 
 
-def test_epoch_seed_wraps_instead_of_overflowing():
-    """seed + epoch past torch's 64 bits wraps as torch reads seeds, instead of failing at an
-    epoch boundary mid-run."""
-    wrapped = GlobalBatchSampler(8, 8, seed=2**64 - 1)
-    wrapped.set_position(1, 0)
-    assert list(wrapped) == list(GlobalBatchSampler(8, 8, seed=0))
+def test_derived_seeds_are_64_bit_and_tell_tuples_apart():
+    seeds = {derived_seed(*parts) for parts in [(0, 1), (1, 0), (0, 1, 0), (1,), (MAX_SEED, 10**9)]}
+    assert len(seeds) == 5 and all(0 <= s < 2**64 for s in seeds)
+    assert dropout_seed(3, 4, 5) == derived_seed(3, 4, 5)
 
 
 def test_trainer_construction_errors():
