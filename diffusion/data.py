@@ -340,7 +340,7 @@ HIGH_DEPTH_WHITE: dict[str, float] = {"I;16": 65535, "I;16L": 65535, "I;16B": 65
 FLIP_PROBABILITY = 0.5
 # What a broken file can raise while PIL decodes it (truncated, garbage, hostile sizes).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
-                  Image.DecompressionBombError)
+                 Image.DecompressionBombError)
 
 
 def read_caption_file(path: Path) -> str:
@@ -494,14 +494,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 warnings.warn(f"skipping unreadable image {self.paths[candidate]} "
                               f"({type(err).__name__}: {err})", stacklevel=2)
                 continue
-            if image.mode == "F":  # bicubic may overshoot [0, 1] a little
-                pixels = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)  # (H, W)
+            if image.mode == "F":
+                pixels = np.asarray(image, dtype=np.float32)  # (H, W)
             else:
                 pixels = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
             if self.random_flip and self._flips(index):
                 pixels = pixels[:, ::-1]
             tensor = _uint8_to_tensor(pixels) if pixels.dtype == np.uint8 else \
-                _unit_to_tensor(pixels, self.in_channels)
+                unit_to_tensor(pixels, self.in_channels)
             return {"image": tensor, "text": self.captions[candidate]}
         raise RuntimeError(f"none of the {len(self)} images in {str(self.root)!r} could be "
                            "read; see the warnings above")
@@ -526,9 +526,10 @@ def unit_float_image(image: Image.Image) -> Image.Image:
     return Image.fromarray((values / white).astype(np.float32))  # mode F
 
 
-def _unit_to_tensor(pixels: np.ndarray, channels: int) -> torch.Tensor:
-    """(H, W) greyscale float in [0, 1] -> (channels, H, W) float32 in [-1, 1]."""
-    image = torch.from_numpy(pixels.astype(np.float32, copy=True))  # (H, W), writable
+def unit_to_tensor(pixels: np.ndarray, channels: int) -> torch.Tensor:
+    """(H, W) greyscale float in [0, 1] (a `unit_float_image`'s pixels) -> (channels, H, W)
+    float32 in [-1, 1], clipped first: a bicubic resize may overshoot [0, 1] a little."""
+    image = torch.from_numpy(np.clip(pixels, 0.0, 1.0, dtype=np.float32))  # (H, W), a copy
     return (image * 2.0 - 1.0).expand(channels, *image.shape).contiguous()  # (C, H, W)
 
 

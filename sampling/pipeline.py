@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
 from diffusion.checkpoint import MODEL_FIELDS, CheckpointError, config_from_checkpoint
 from diffusion.config import MAX_SEED
-from diffusion.data import DECODE_ERRORS, HIGH_DEPTH_WHITE, unit_float_image
+from diffusion.data import DECODE_ERRORS, HIGH_DEPTH_WHITE, unit_float_image, unit_to_tensor
 from diffusion.scheduler import check_strength
 from diffusion.trainer import TextConditionedDenoiser, check_image_range
 from nets import AdvancedUNet, TextEncoder
@@ -212,10 +212,10 @@ def from_pil(image: Image.Image, channels: int,
     if size is not None and image.size != size:
         image = image.resize(size, Image.BICUBIC)
     if image.mode == "F":
-        grey = torch.from_numpy(np.asarray(image, dtype=np.float32).clip(0, 1))  # (H, W)
         colour = 1 if channels < 3 else 3
-        planes = [grey] * colour + [torch.ones_like(grey)] * (channels - colour)
-        return (torch.stack(planes) * 2 - 1).unsqueeze(0)
+        grey = unit_to_tensor(np.asarray(image, dtype=np.float32), colour)  # (colour, H, W)
+        alpha = torch.ones(channels - colour, *grey.shape[1:])  # opaque
+        return torch.cat([grey, alpha]).unsqueeze(0)
     image = image.convert(PIL_MODES[channels])
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     x = x.reshape(image.height, image.width, channels).permute(2, 0, 1)  # (C, H, W)
