@@ -1,6 +1,6 @@
 """The CUDA paths: fp16/bf16 autocast, the fused attention kernels, fp16 training with a
-GradScaler, model CPU offload, checkpoints moved between devices and train.py under torchrun
-with NCCL. Skipped without a GPU (CI has none); on a GPU machine:
+GradScaler (and its overflow), dropout seeded per step on the GPU, model CPU offload,
+checkpoints moved between devices both ways and train.py under torchrun with NCCL. Skipped without a GPU (CI has none); on a GPU machine:
 
     python -m pytest -q tests/test_cuda.py
 """
@@ -180,3 +180,66 @@ def test_train_script_under_torchrun_with_nccl(tmp_path):
     assert "backend nccl" in result.stderr
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["step"] == 3
+
+
+def test_checkpoint_saved_on_cpu_loads_on_cuda_and_gives_the_cpu_images(tmp_path):
+    config = tiny_config(max_steps=2)
+    torch.manual_seed(0)
+    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config)  # on the CPU
+    trainer.train_step(shapes_batch(config, size=4))
+    randomize(trainer.model)  # trained 1 step, the zero-initialised output would hide errors
+    path = trainer.save_checkpoint(tmp_path / "cpu.pt")
+    args = (["a red circle", "a blue cross"], [0, 1])
+    ref = AdvancedDiffusionPipeline.from_checkpoint(path, use_ema=False, device="cpu").generate(
+        *args, num_inference_steps=3)
+    pipe = AdvancedDiffusionPipeline.from_checkpoint(path, use_ema=False, device="cuda")
+    assert next(pipe.unet.parameters()).device.type == "cuda"
+    assert next(pipe.text_encoder.parameters()).device.type == "cuda"
+    with exact_fp32():
+        out = pipe.generate(*args, num_inference_steps=3)
+    assert out.device.type == "cuda"
+    # One forward agrees to 1e-4 (test_unet_on_cuda_matches_cpu); guidance 7.5 scales the
+    # cond-uncond difference, and so its rounding, at each of the 3 steps: 1e-3 here (seen:
+    # 1.2e-4 at worst). Wrong weights or noise drawn on the GPU would differ by ~0.1-1.
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_fp16_overflow_on_cuda_skips_the_update_and_halves_the_scale():
+    """The real CUDA GradScaler (the CPU test stands one in): an Inf gradient skips the
+    update, leaves the weights, the LR schedule and the EMA alone, and halves the scale."""
+    config = tiny_config(mixed_precision="fp16", use_ema=True, max_nonfinite_steps=2)
+    torch.manual_seed(0)
+    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config, device=CUDA)
+    batch = shapes_batch(config, size=4)
+    scale = trainer.scaler.get_scale()
+    hook = trainer.model.unet.conv_out.bias.register_hook(lambda grad: grad * float("inf"))
+    before = {n: p.detach().clone() for n, p in trainer.denoiser.named_parameters()}
+    metrics = trainer.train_step(batch)
+    assert not metrics["updated"] and metrics["step"] == 0 and metrics["skipped_steps"] == 1
+    assert trainer.scaler.get_scale() == scale / 2
+    assert trainer.lr_scheduler.last_epoch == 0 and trainer.ema.num_updates == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.denoiser.named_parameters())
+    hook.remove()
+    metrics = trainer.train_step(batch)
+    assert metrics["updated"] and metrics["step"] == 1 and trainer.ema.num_updates == 1
+
+
+def test_dropout_on_cuda_is_seeded_per_step_and_leaves_the_callers_rng_alone():
+    """Two identical trainers draw the same dropout masks on the GPU (train_step seeds CUDA's
+    generator from (seed, micro_step, rank)), and a step does not advance the caller's CPU
+    or CUDA generator."""
+    config = tiny_config(dropout=0.5, use_ema=False)
+    batch = shapes_batch(config, size=4)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config, device=CUDA)
+        randomize(trainer.model)  # so that dropout inside the residual branches shows
+        torch.manual_seed(123)  # the caller's own state, different for each trainer
+        torch.cuda.manual_seed(123 + len(losses))
+        cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state()
+        with exact_fp32():
+            losses.append(trainer.train_step(batch)["loss"])
+        assert torch.equal(torch.get_rng_state(), cpu_state)
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

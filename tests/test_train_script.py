@@ -1,5 +1,6 @@
 """`python train.py` end to end: artefacts, exact resume, SIGKILL and SIGTERM, bad arguments."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from diffusion.trainer import DATA_ORDER
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CPU_ONLY = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, on a GPU machine too
 
 
 def write_config(tmp_path, **overrides) -> Path:
@@ -31,8 +33,8 @@ def write_config(tmp_path, **overrides) -> Path:
     return path
 
 
-def train(*args, check=True, timeout=300):
-    result = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=ENV,
+def train(*args, check=True, timeout=300, env=ENV):
+    result = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -319,6 +321,23 @@ def test_bad_arguments_fail_clearly(tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # refused before writing anything
 
 
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node=2 on a 1-GPU machine: the second rank would fail inside
+    torch.cuda.set_device, after the process group had started; it stops first and says why."""
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(script.dist, "init_process_group",
+                        lambda backend: pytest.fail("started a process group"))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match=r"LOCAL_RANK=1, but this machine has 1 CUDA device"
+                                         r".*--nproc_per_node.*CUDA_VISIBLE_DEVICES="):
+        script.setup_distributed()
+
+
 def test_torchrun_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     """2 gloo processes x batch 2 == 1 process x batch 4: same data, same noise (each rank
     takes its slice of the global draws), gradients averaged. Gradient checkpointing is on,
@@ -327,16 +346,17 @@ def test_torchrun_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     common = dict(max_steps=3, cfg_dropout=0.5, dropout=0.0, gradient_checkpointing=True,
                   save_every=3)
     single = write_config(tmp_path, batch_size=4, **common)
-    train("--config", single)
+    train("--config", single, env=CPU_ONLY)
     one = load(tmp_path / "run" / "last.pt")
     ddp_dir = tmp_path / "ddp"
     ddp_config = write_config(tmp_path, batch_size=2, **{**common, "output_dir": str(ddp_dir)})
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "train.py", "--config", str(ddp_config)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=CPU_ONLY, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 4 = batch_size 2 x 2 processes" in result.stderr
+    assert "training on cpu, backend gloo" in result.stderr
     two = load(ddp_dir / "last.pt")
     assert two["step"] == one["step"] == 3
     for key in ("model", "text_encoder"):
