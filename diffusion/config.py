@@ -223,6 +223,10 @@ class DiffusionConfig:
     max_nonfinite_steps: int = _field(
         10, "Consecutive steps with a NaN/Inf loss or gradient before training stops.", low=1)
     seed: int = _field(0, "Seed for weights, data order and noise.", low=0, high=MAX_SEED)
+    deterministic: bool = _field(
+        False, "Deterministic kernels (torch.use_deterministic_algorithms, process-wide), for "
+               "bitwise-repeatable runs and resumes on CUDA, whose default kernels are not; "
+               "slower. CPU runs repeat bitwise without it.")
     # ---- data (ours) ----
     dataset: str = _field("shapes", "Training data.", choices=DATASETS)
     data_dir: str | None = _field(None, "Image folder when dataset is 'folder'.")

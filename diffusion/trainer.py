@@ -16,6 +16,7 @@ micro-batch and rank (dropout_seed): independent across ranks, the same again on
 
 import hashlib
 import math
+import os
 import warnings
 from contextlib import nullcontext
 from functools import partial
@@ -70,6 +71,22 @@ def derived_seed(*parts: int) -> int:
     where seed 1's epoch 0 would be seed 0's epoch 1), the same in every process and run."""
     text = "/".join(str(int(part)) for part in parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels from here on, process-wide (config.deterministic).
+
+    Some CUDA kernels sum with atomic adds in whatever order the threads arrive (the backward
+    passes of nn.Embedding and of nearest upsampling, some cuDNN convolution algorithms), so
+    two identical runs differ in the last bits and the difference grows with training.
+    torch.use_deterministic_algorithms picks ordered kernels instead; cuBLAS needs a fixed
+    workspace for it (CUBLAS_WORKSPACE_CONFIG, read when CUDA first multiplies: set it in the
+    environment to be sure). warn_only: an op without a deterministic kernel warns rather than
+    stopping the run.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
@@ -207,6 +224,8 @@ class AdvancedDiffusionTrainer:
             raise TypeError(f"config must be a DiffusionConfig; got {type(config).__name__}")
         config.validate()
         self.config = config
+        if config.deterministic:
+            use_deterministic_algorithms()
         self.device = torch.device(device) if device is not None else \
             next(model.parameters()).device
         self.model = model.to(self.device)

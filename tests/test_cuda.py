@@ -1,6 +1,7 @@
 """The CUDA paths: fp16/bf16 autocast, the fused attention kernels, fp16 training with a
 GradScaler (and its overflow), dropout seeded per step on the GPU, model CPU offload,
-checkpoints moved between devices both ways and train.py under torchrun with NCCL. Skipped without a GPU (CI has none); on a GPU machine:
+checkpoints moved between devices both ways and train.py under torchrun with NCCL. Skipped
+without a GPU (CI has none); on a GPU machine:
 
     python -m pytest -q tests/test_cuda.py
 """

@@ -1,6 +1,7 @@
 """AdvancedDiffusionTrainer: learning, exact resume, non-finite handling, CFG dropout, EMA."""
 
 import math
+import os
 import types
 import warnings
 
@@ -867,3 +868,17 @@ def test_load_checkpoint_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="truncated, corrupt or not a plain-tensor"):
         trainer.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_deterministic_turns_on_deterministic_kernels(monkeypatch):
+    """config.deterministic: torch.use_deterministic_algorithms (warn-only: an op without a
+    deterministic kernel warns) and cuBLAS's fixed workspace, which it needs for that."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")  # so that teardown removes it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda mode, *, warn_only=False: calls.append((mode, warn_only)))
+    make_trainer(deterministic=False)
+    assert calls == [] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    make_trainer(deterministic=True)
+    assert calls == [(True, True)] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
