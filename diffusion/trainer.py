@@ -76,9 +76,9 @@ def derived_seed(*parts: int) -> int:
 def use_deterministic_algorithms() -> None:
     """Deterministic kernels from here on, process-wide (config.deterministic).
 
-    Some CUDA kernels sum with atomic adds in whatever order the threads arrive (the backward
-    passes of nn.Embedding and of nearest upsampling, some cuDNN convolution algorithms), so
-    two identical runs differ in the last bits and the difference grows with training.
+    Some CUDA kernels sum in whatever order their threads arrive (PyTorch's reproducibility
+    notes name cuDNN's convolution algorithms among others), so two identical runs differ in
+    the last bits, and the difference grows with training.
     torch.use_deterministic_algorithms picks ordered kernels instead; cuBLAS needs a fixed
     workspace for it (CUBLAS_WORKSPACE_CONFIG, read when CUDA first multiplies: set it in the
     environment to be sure). warn_only: an op without a deterministic kernel warns rather than

@@ -68,8 +68,8 @@ def test_shapes_config_writes_every_artefact(tmp_path):
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA GPU"))])
 def test_resume_through_the_script_is_bitwise_exact(tmp_path, device):
-    """On the CPU as configured; on CUDA with deterministic: true (without it, CUDA's atomic
-    adds made a resumed run differ in the last bits on an H100)."""
+    """On the CPU as configured; on CUDA with deterministic: true (without it, a resumed run
+    differed from the straight one in the last bits on an H100)."""
     config = write_config(tmp_path, max_steps=4, deterministic=device == "cuda")
     env = CPU_ONLY if device == "cpu" else ENV
     result = train("--config", config, env=env)
