@@ -90,13 +90,13 @@ def matmul_tflops(name, repeats):
 
 
 def step(model, inputs, name, train):
-    """One inference forward, or one forward + backward, at precision `name`."""
+    """One inference forward, or one forward + backward, at precision `name`. The backward
+    adds to existing gradients: the timings free them first, the memory runs keep them."""
     with tf32(name):
         if not train:
             with torch.no_grad(), autocast(name):
                 model(*inputs)
             return
-        model.zero_grad(set_to_none=True)
         with autocast(name):
             out = model(*inputs)["sample"]
         out.float().square().mean().backward()
@@ -131,7 +131,12 @@ def timings(name, repeats, batch, use_compile, matmul):
         for prec in precisions:
             for kind, train in (("inference", False), ("train", True)):
                 m.train(train)
-                ms = median_ms(lambda p=prec, tr=train: step(m, xs, p, tr), repeats)
+
+                def timed(p=prec, tr=train):
+                    m.zero_grad(set_to_none=True)  # as a training step starts
+                    step(m, xs, p, tr)
+
+                ms = median_ms(timed, repeats)
                 key = f"{kind}_{prec}{label}"
                 res[f"{key}_ms"] = ms
                 tflops = res[f"tflop_{kind}"] / (ms / 1000)
@@ -173,7 +178,7 @@ def activation_mb(name, prec, checkpointing):
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    step(model, inputs, prec, True)
+    step(model, inputs, prec, True)  # into the zeroed gradients: no gradient is freed or made
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
 
