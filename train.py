@@ -78,20 +78,21 @@ def fail(reason):
 
 def setup_distributed():
     """(rank, world_size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():  # one GPU per process: more processes than GPUs cannot run
-        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-        if local_rank >= gpus:
-            fail(f"LOCAL_RANK={local_rank}, but this machine has {gpus} CUDA device(s): start at "
-                 "most that many processes per node (torchrun --nproc_per_node), or hide the "
-                 "GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU with gloo")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    # one GPU per process: more processes than GPUs cannot run
+    local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if local_rank >= gpus:
+        fail(f"LOCAL_RANK={local_rank}, but this machine has {gpus} CUDA device(s): start at "
+             "most that many processes per node (torchrun --nproc_per_node), or hide the "
+             "GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU with gloo")
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
 
 
 class StopFlag:

@@ -81,7 +81,8 @@ def use_deterministic_algorithms() -> None:
     the last bits, and the difference grows with training.
     torch.use_deterministic_algorithms picks ordered kernels instead; cuBLAS needs a fixed
     workspace for it (CUBLAS_WORKSPACE_CONFIG, read when CUDA first multiplies: set it in the
-    environment to be sure). warn_only: an op without a deterministic kernel warns rather than
+    environment to be sure), and cuDNN's benchmark mode, which picks algorithms by timing
+    them, stays off. warn_only: an op without a deterministic kernel warns rather than
     stopping the run.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
