@@ -292,6 +292,17 @@ def memory(name):
     return res
 
 
+def cpu_name():
+    """The CPU's model name: the machines of one kind differ (an AVX2 EPYC one day, an
+    AVX-512/AMX Xeon another), and the fractions of the matmul rate differ with them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(BENCH_CONFIGS),
@@ -308,7 +319,8 @@ def main():
         return
     torch.set_num_threads(THREADS)
     kept = False if args.default_malloc else keep_freed_memory()
-    report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    report = {"torch": torch.__version__, "cpu": cpu_name(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "threads": THREADS, "repeats": args.repeats, "warmup": WARMUP,
               "bf16_native": cpu_has_fast_low_precision(torch.bfloat16),
               "keep_freed_memory": kept,
