@@ -535,6 +535,50 @@ def test_slicing_and_backends_do_not_change_the_unet():
         torch.testing.assert_close(run(model, x, t, context, mask), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_attention_with_gradients_runs_its_kernel_in_float32(dtype):
+    """CPU_HALF_BACKWARD_FP32_BELOW: the CPU's half-precision SDPA backward is slow on short
+    sequences, so with gradients and queries x keys below the bound attention computes in
+    float32 and casts back (also under autocast, which would cast the inputs to half again);
+    forward alone, and from the bound up, it stays in half precision."""
+    bound = sys.modules["nets.attention"].CPU_HALF_BACKWARD_FP32_BELOW
+    gen = torch.Generator().manual_seed(0)
+
+    def qkv(n, m, grad):
+        return [torch.randn(2, 2, size, 8, generator=gen).to(dtype).requires_grad_(grad)
+                for size in (n, m, m)]
+
+    def in_fp32(q, k, v, mask):
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                  attn_mask=mask).to(dtype)
+
+    def in_half(q, k, v, mask):
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    q, k, v = qkv(10, 6, grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = attention(q, k, v, mask)
+    assert out.dtype == dtype
+    expected = in_fp32(q, k, v, mask[:, None, None])
+    assert torch.equal(out, expected)
+    assert not torch.equal(expected, in_half(q, k, v, mask[:, None, None]))
+    out.float().square().sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad).all()
+    for slice_size in (3, "auto"):  # the bound applies to each slice's queries
+        assert torch.equal(attention(q, k, v, mask, slice_size=slice_size), expected)
+    with torch.no_grad():  # forward only: the half-precision kernel
+        assert torch.equal(attention(q, k, v, mask), in_half(q, k, v, mask[:, None, None]))
+    q, k, v = qkv(10, 6, grad=False)  # no input needs a gradient
+    assert torch.equal(attention(q, k, v), in_half(q, k, v, None))
+    q, k, v = qkv(bound // 64, 64, grad=True)  # at the bound
+    out = attention(q, k, v)
+    assert torch.equal(out, in_half(q, k, v, None)) and not torch.equal(out, in_fp32(q, k, v, None))
+
+
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_auto_slicing_makes_two_slices(n, monkeypatch):
     """slice_size="auto" runs ceil(n / 2) queries per SDPA call: two calls (one for n = 1)."""
