@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,25 @@ def test_seeds(pipeline):
     # float32 kernels sum in a batch-size-dependent order (differences ~2e-5 seen here);
     # 1e-4 is 1/40 of one 8-bit level, far below any visible difference
     torch.testing.assert_close(a, one_by_one, rtol=0, atol=1e-4)
+
+
+def test_generate_runs_under_cpu_bf16_autocast(pipeline):
+    """The README's bf16 sampling: the pipeline inside torch.autocast("cpu", bfloat16) gives
+    float32 images close to fp32's (the networks compute in bf16 where the CPU has it, else
+    the UNet's fp32 fallback; the scheduler's arithmetic stays float32)."""
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    ref = images_of(pipeline, prompts, seeds, sampler="ddim")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fp32 fallback's warning, on CPUs without bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = images_of(pipeline, prompts, seeds, sampler="ddim")
+    assert out.dtype == torch.float32 and out.shape == ref.shape and torch.isfinite(out).all()
+    other_seeds = images_of(pipeline, prompts, [5, 6], sampler="ddim")
+    rounding = ((out - ref).norm() / ref.norm()).item()
+    another_image = ((other_seeds - ref).norm() / ref.norm()).item()
+    # bf16 rounding moves this randomised (chaotic) model's images by a few percent (0.04 with
+    # native bf16); other noise, prompts or a broken path give another image (0.98 here)
+    assert rounding < 0.2 * another_image, (rounding, another_image)
 
 
 STOCHASTIC = [("ddpm", None), ("euler_ancestral", None), ("ddim", 1.0)]
