@@ -21,21 +21,11 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
-from tqdm import tqdm
 
-from diffusion.config import positive_int
+from diffusion.progress import Progress
 from nets import keep_freed_memory
-from sampling import SAMPLERS, AdvancedDiffusionPipeline, from_pil, make_grid, to_pil
-from sampling.pipeline import (
-    DEFAULT_STRENGTH,
-    FROM_CONFIG,
-    add_device_argument,
-    check_output_path,
-    check_seed,
-    make_folder,
-    open_image,
-)
+from sampling import SAMPLERS, AdvancedDiffusionPipeline, cli, from_pil, make_grid, to_pil
+from sampling.pipeline import DEFAULT_STRENGTH, check_seed
 
 
 def parse_args(argv=None):
@@ -43,17 +33,17 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--num-images", type=positive_int, default=1, help="default: 1")
+    parser.add_argument("--num-images", type=cli.positive_int, default=1, help="default: 1")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"num_inference_steps ({FROM_CONFIG})")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=FROM_CONFIG)
-    parser.add_argument("--guidance-scale", type=float, default=None, help=FROM_CONFIG)
+                        help=f"num_inference_steps ({cli.FROM_CONFIG})")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=cli.FROM_CONFIG)
+    parser.add_argument("--guidance-scale", type=float, default=None, help=cli.FROM_CONFIG)
     parser.add_argument("--guidance-rescale", type=float, default=None,
-                        help=f"guidance rescale phi in [0, 1] (Lin et al. 2023; {FROM_CONFIG})")
-    parser.add_argument("--eta", type=float, default=None, help=f"DDIM's eta ({FROM_CONFIG})")
+                        help=f"guidance rescale phi in [0, 1] (Lin et al. 2023; {cli.FROM_CONFIG})")
+    parser.add_argument("--eta", type=float, default=None, help=f"DDIM's eta ({cli.FROM_CONFIG})")
     parser.add_argument("--seed", type=int, default=0,
                         help="image i uses seed + i, each in [0, 2**63 - 1] (default: 0)")
-    add_device_argument(parser)
+    cli.add_device_argument(parser)
     parser.add_argument("--no-ema", action="store_true", help="use the trained, not EMA, weights")
     parser.add_argument("--init-image", help="image-to-image: the starting image")
     parser.add_argument("--strength", type=float, default=None,
@@ -63,78 +53,55 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def is_grid(out: Path) -> bool:
-    return out.suffix.lower() == ".png"
-
-
-def check_args(args) -> Image.Image | None:
-    """The checks that need no checkpoint, made before it loads (ValueError); returns the
-    --init-image, opened."""
-    check_seed(args.seed, args.num_images)
-    if args.strength is not None and not args.init_image:
-        raise ValueError(f"--strength {args.strength} is for image-to-image; it needs "
-                         f"--init-image")
-    out = Path(args.out)
-    check_output_path(out, "--out", folder=not is_grid(out))
-    return open_image(args.init_image, "--init-image") if args.init_image else None
-
-
-def generate(args, prompts: list[str], seeds: list[int], init_image: Image.Image | None):
-    """(images (B, C, H, W) in [0, 1], settings, strength); ValueError (CheckpointError
-    included) for anything the arguments got wrong, raised before sampling, which starts
-    once the output folder exists."""
-    pipeline = AdvancedDiffusionPipeline.from_checkpoint(
-        args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    config = pipeline.config
-    settings = {"negative_prompt": args.negative_prompt,
-                **pipeline.settings(args.steps, args.guidance_scale, args.sampler, args.eta,
-                                    args.guidance_rescale)}
-    init, strength = None, 1.0
-    if init_image is not None:
-        size = (config.sample_size, config.sample_size)
-        init = from_pil(init_image, config.in_channels, size).expand(args.num_images, -1, -1, -1)
-        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
-    steps = pipeline.num_denoising_steps(settings["num_inference_steps"], strength)
-    out = Path(args.out)
-    make_folder(out.parent if is_grid(out) else out, "--out")
-    with tqdm(total=steps, desc="sampling") as bar:
-        images = pipeline.generate(prompts, seeds, init_images=init, strength=strength,
-                                   callback=lambda i, t, x: bar.update(1), **settings)
-    return images, settings, strength
-
-
-def save(args, images, prompts: list[str], seeds: list[int], settings: dict,
-         strength: float) -> Path:
-    """A grid, or a folder of PNGs plus metadata.jsonl, as --out says."""
-    out = Path(args.out)
-    if is_grid(out):
-        make_grid(images, prompts).save(out)
-        return out
-    with open(out / "metadata.jsonl", "w") as f:
-        for i, (image, seed) in enumerate(zip(images, seeds)):
-            name = f"{i:04d}.png"
-            to_pil(image).save(out / name)
-            f.write(json.dumps({"file_name": name, "text": args.prompt, "seed": seed,
-                                "checkpoint": str(args.checkpoint),
-                                "init_image": args.init_image,
-                                "strength": strength, **settings}) + "\n")
-    return out
-
-
 def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()
+    out = Path(args.out)
+    grid = out.suffix.lower() == ".png"  # else a folder of PNGs plus metadata.jsonl
     prompts = [args.prompt] * args.num_images
     seeds = [args.seed + i for i in range(args.num_images)]
-    try:
-        init_image = check_args(args)
-        images, settings, strength = generate(args, prompts, seeds, init_image)
-    except ValueError as err:  # CheckpointError is one too
-        sys.exit(f"sample.py: {err}")
-    try:
-        out = save(args, images, prompts, seeds, settings, strength)
-    except OSError as err:  # e.g. the disk filled up while writing
-        sys.exit(f"sample.py: cannot write --out {args.out!r}: {err}")
+    with cli.exit_on_error("sample.py"):  # ValueError (CheckpointError too): one line
+        # 1. the checks that need no checkpoint, before it loads
+        check_seed(args.seed, args.num_images)
+        if args.strength is not None and not args.init_image:
+            raise ValueError(f"--strength {args.strength} is for image-to-image; it needs "
+                             f"--init-image")
+        cli.check_output_path(out, "--out", folder=not grid)
+        init_image = cli.open_image(args.init_image, "--init-image") if args.init_image else None
+
+        # 2. the pipeline, and the settings: the checkpoint config's where a flag is left out
+        pipeline = AdvancedDiffusionPipeline.from_checkpoint(
+            args.checkpoint, use_ema=not args.no_ema, device=args.device)
+        settings = {"negative_prompt": args.negative_prompt,
+                    **pipeline.settings(args.steps, args.guidance_scale, args.sampler, args.eta,
+                                        args.guidance_rescale)}
+        init, strength = None, 1.0
+        if init_image is not None:
+            size = (pipeline.config.sample_size,) * 2
+            init = from_pil(init_image, pipeline.config.in_channels, size)
+            init = init.expand(args.num_images, -1, -1, -1)
+            strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+        steps = pipeline.num_denoising_steps(settings["num_inference_steps"], strength)
+        cli.make_folder(out.parent if grid else out, "--out")  # fails now, not after sampling
+
+        # 3. generate: a bar on a terminal, plain lines in a log file
+        with Progress(total=steps, desc="sampling") as progress:
+            images = pipeline.generate(prompts, seeds, init_images=init, strength=strength,
+                                       callback=lambda i, t, x: progress.update(1), **settings)
+
+    # 4. save: a grid with the prompt under each image, or one PNG per image plus metadata
+    with cli.exit_on_error("sample.py", OSError, f"cannot write --out {args.out!r}"):  # full disk
+        if grid:
+            make_grid(images, prompts).save(out)
+        else:
+            with open(out / "metadata.jsonl", "w") as f:
+                for i, (image, seed) in enumerate(zip(images, seeds)):
+                    name = f"{i:04d}.png"
+                    to_pil(image).save(out / name)
+                    f.write(json.dumps({"file_name": name, "text": args.prompt, "seed": seed,
+                                        "checkpoint": str(args.checkpoint),
+                                        "init_image": args.init_image,
+                                        "strength": strength, **settings}) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

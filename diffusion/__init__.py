@@ -1,21 +1,13 @@
-"""The forward process and training: config, schedules, scheduler (DDPM / DDIM steps), EMA,
-data, checkpoints and the trainer."""
+"""The forward process and training: config, schedules, scheduler (DDPM / DDIM steps), the
+training objective, EMA, data, checkpoints and the trainer."""
 
 from .checkpoint import CheckpointError, find_resumable, load_checkpoint_file
 from .config import DiffusionConfig, config_reference, parse_overrides
-from .data import (
-    SHAPE_COLOURS,
-    SHAPES,
-    ImageFolderDataset,
-    ShapesDataset,
-    all_captions,
-    build_dataset,
-    classify_shape_image,
-    collate,
-    parse_caption,
-    shapes_adherence,
-)
+from .data import GlobalBatchSampler, build_dataset, collate
 from .ema import EMAModel
+from .folder import ImageFolderDataset
+from .objective import training_losses
+from .optim import get_scheduler
 from .scheduler import AdvancedScheduler, SchedulerOutput, randn_like
 from .schedules import (
     alphas_cumprod_from_betas,
@@ -24,12 +16,8 @@ from .schedules import (
     rescale_zero_terminal_snr,
     snr,
 )
-from .trainer import (
-    AdvancedDiffusionTrainer,
-    GlobalBatchSampler,
-    NonFiniteLossError,
-    get_scheduler,
-)
+from .shapes import SHAPE_COLOURS, SHAPES, ShapesDataset, all_captions, parse_caption
+from .trainer import AdvancedDiffusionTrainer, NonFiniteLossError
 
 __all__ = [
     "SHAPES",
@@ -43,13 +31,12 @@ __all__ = [
     "ShapesDataset",
     "all_captions",
     "build_dataset",
-    "classify_shape_image",
     "collate",
     "find_resumable",
     "get_scheduler",
     "load_checkpoint_file",
     "parse_caption",
-    "shapes_adherence",
+    "training_losses",
     "AdvancedScheduler",
     "DiffusionConfig",
     "SchedulerOutput",

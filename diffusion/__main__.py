@@ -8,7 +8,7 @@ the printout shows how close each sampler gets, and how DDIM's error falls with 
 import argparse
 import time
 
-from .config import DiffusionConfig, positive_int
+from .config import DiffusionConfig
 from .oracle import GaussianMixture, sample_exact
 from .scheduler import AdvancedScheduler
 
@@ -26,12 +26,14 @@ def run(sampler: str, steps: int, num_samples: int, prediction_type: str, seed: 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m diffusion",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--num-samples", type=positive_int, default=20_000,
+    parser.add_argument("--num-samples", type=int, default=20_000,
                         help="samples per sampler (an int >= 1)")
     parser.add_argument("--prediction-type", default="epsilon",
                         choices=["epsilon", "v_prediction", "sample"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num-samples {args.num_samples} must be an int >= 1")
     print(f"data: mixture {MIXTURE}; mean {MIXTURE.mean():.4f}, std {MIXTURE.std():.4f}, "
           f"weight of the positive mode {MIXTURE.weights[1]:.4f}")
     print(f"{'sampler':<8}{'steps':>6}{'mean':>9}{'std':>9}{'weight':>9}{'seconds':>9}")

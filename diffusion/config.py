@@ -1,7 +1,7 @@
 """DiffusionConfig: the one flat dataclass every part of the codebase reads.
 
 Field names and defaults of the guide's `DiffusionConfig` are kept as the guide has them;
-the fields after them are ours (DESIGN.md lists their names). Each field carries its help
+the fields after them are ours (docs/design.md lists their names). Each field carries its help
 text and its allowed values in the dataclass metadata, so validation, the `--set` parser and
 the README's config reference all read the same single source of truth.
 
@@ -15,7 +15,6 @@ Validation happens in two places:
   config is only consistent again after the second line.
 """
 
-import argparse
 import dataclasses
 import difflib
 import functools
@@ -356,18 +355,6 @@ class DiffusionConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(DiffusionConfig)}
-
-
-def positive_int(text: str) -> int:
-    """argparse type for the scripts' counts (--num-images, --seeds, --num-samples, ...): an
-    int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer (>= 1)")
-    return value
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """AdvancedScheduler: the forward process q(x_t | x0), the eps / x0 / v parameterisations, and
 one reverse step of DDPM (Ho et al. 2020) or DDIM (Song et al. 2021).
 
-Conventions (DESIGN.md): abar_t = prod_{s<=t} (1 - b_s) for t = 0..T-1; a step from t goes to
+Conventions (docs/design.md): abar_t = prod_{s<=t} (1 - b_s) for t = 0..T-1; a step from t goes to
 the next entry t' of `self.timesteps`, and after the last entry abar_{t'} = 1 (the clean image).
 Coefficients come from float64 tables and are cast once to the sample's dtype.
 """
@@ -124,7 +124,7 @@ class AdvancedScheduler:
     # ---- timesteps ----
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Pick the inference timesteps with `config.timestep_spacing` (DESIGN.md)."""
+        """Pick the inference timesteps with `config.timestep_spacing` (docs/design.md)."""
         steps = inference_timesteps(self.config.timestep_spacing, self.num_train_timesteps,
                                     num_inference_steps, self.config.steps_offset)
         self.num_inference_steps = num_inference_steps

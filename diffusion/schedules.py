@@ -18,7 +18,7 @@ SIGMOID_RANGE = 6.0
 
 def make_betas(schedule: str, num_train_timesteps: int, beta_start: float = 1e-4,
                beta_end: float = 0.02) -> torch.Tensor:
-    """Betas (T,) float64 for a named schedule (DESIGN.md gives the formulas).
+    """Betas (T,) float64 for a named schedule (docs/design.md gives the formulas).
 
     linear: linspace(beta_start, beta_end, T) (Ho et al. 2020).
     quadratic / scaled_linear: linspace(sqrt(beta_start), sqrt(beta_end), T)^2 (latent diffusion).
@@ -71,7 +71,7 @@ def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def inference_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int,
                         steps_offset: int = 0) -> torch.Tensor:
-    """The n strictly decreasing int64 timesteps a sampler visits (DESIGN.md).
+    """The n strictly decreasing int64 timesteps a sampler visits (docs/design.md).
 
     leading:  k * (T // n) + steps_offset for k = n-1..0 (DDIM paper, Stable Diffusion).
     trailing: round(T - k * T / n) - 1 for k = 0..n-1; starts at T-1 (Lin et al. 2023, Table 2).

@@ -1,11 +1,9 @@
-"""AdvancedDiffusionTrainer: one optimizer step of text-conditioned diffusion training, plus the
-pieces it owns (AdamW parameter groups, LR schedules, mixed precision, EMA, checkpoints).
+"""AdvancedDiffusionTrainer: one optimizer step of text-conditioned diffusion training and the
+state it owns (text encoder, optimizer, LR schedule, mixed precision, EMA, RNG, checkpoints).
 
-A training step (Ho et al. 2020, Algorithm 1, with the guide's additions):
-  t ~ U{0..T-1}, eps ~ N(0, I) (+ offset noise), x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
-  prompts replaced by "" with probability cfg_dropout (classifier-free guidance training),
-  loss = mean_b w_b * loss_type(net(x_t, t, text), target_b), w = min-SNR-gamma weight,
-  then gradient accumulation, clipping at max_grad_norm, AdamW, LR schedule, EMA update.
+The loss itself is diffusion/objective.py (`training_losses`); around it a step adds gradient
+accumulation, clipping at max_grad_norm, AdamW (optim.py), the LR schedule, the EMA update and
+the skipping of non-finite steps.
 
 Timesteps, noise and prompt dropout come from one torch.Generator seeded with config.seed and
 saved in checkpoints; under DistributedDataParallel every rank draws the numbers for the whole
@@ -14,20 +12,17 @@ same global batch when dropout is 0. Dropout masks come from the global torch RN
 micro-batch and rank (dropout_seed): independent across ranks, the same again on resume.
 """
 
-import hashlib
 import math
 import os
 import warnings
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from losses import AdvancedLossFunctions, min_snr_weight, training_target
-from nets import TextEncoder, trim_padding
+from nets import TextConditionedDenoiser, TextEncoder
 
 from .checkpoint import (
     FORMAT_VERSION,
@@ -37,40 +32,23 @@ from .checkpoint import (
     config_from_checkpoint,
     load_checkpoint_file,
 )
-from .config import LR_SCHEDULERS, DiffusionConfig
+from .config import DiffusionConfig
+from .data import derived_seed
 from .ema import EMAModel
+from .images import check_image_range
+from .objective import draw_training_noise, training_losses
+from .optim import FUSED_ADAMW_DEVICES, get_scheduler, lr_factor, parameter_groups
 from .scheduler import AdvancedScheduler
 
-# Modules whose weights get weight decay; everything else (biases, norm scales, embeddings,
-# free-standing parameters such as position embeddings) is exempt, whatever its name.
-DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Seed of the fixed timesteps/noise that make validation losses comparable across runs.
 VALIDATION_SEED = 1234
 GOLDEN_FRACTION = (5 ** 0.5 - 1) / 2  # rotates the validation strata from batch to batch
-# Images outside [-1 - tol, 1 + tol] are rejected: a [0, 255] or [0, 1] batch is a bug.
-IMAGE_RANGE_TOLERANCE = 1e-3
-# Devices where AdamW runs its fused kernel. On the CPU PyTorch's default is a Python loop over
-# the parameters: with configs/shapes.yaml on the 2-core machine the whole optimizer step
-# (clipping, AdamW, EMA) took 21.8 ms with it and 10.9 ms fused, of a 295 / 285 ms training
-# step. Elsewhere PyTorch's default stays (foreach on CUDA; not measured here, no GPU).
-FUSED_ADAMW_DEVICES = ("cpu",)
-# Which rule shuffles an epoch; saved with a run's data position, so a checkpoint written under
-# another rule resumes from its next epoch. 1: seed + epoch (runs with adjacent seeds saw the
-# same orders one epoch apart); 2: derived_seed(seed, epoch).
-DATA_ORDER = 2
 # What load_state_dict reads from a checkpoint, "outer.inner" for nested keys (state_dict
 # writes them all); a file without one is not a complete trainer checkpoint.
 REQUIRED_CHECKPOINT_KEYS = (
     "step", "config", "model", "text_encoder", "ema", "optimizer", "lr_scheduler",
     "grad_scaler", "rng.generator", "rng.torch", "counters.skipped_steps", "counters.micro_step",
 )
-
-
-def derived_seed(*parts: int) -> int:
-    """A 64-bit torch seed hashed from integers: unrelated for different tuples (unlike sums,
-    where seed 1's epoch 0 would be seed 0's epoch 1), the same in every process and run."""
-    text = "/".join(str(int(part)) for part in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def use_deterministic_algorithms() -> None:
@@ -108,69 +86,8 @@ def validation_timesteps(batch_index: int, batch_size: int, T: int) -> torch.Ten
     return (strata * T / batch_size).floor().long()
 
 
-def check_image_range(images: torch.Tensor, name: str) -> None:
-    """Images in model space: finite and in [-1, 1] (up to IMAGE_RANGE_TOLERANCE); ValueError
-    naming `name` and the range received otherwise."""
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    lo, hi = images.min().item(), images.max().item()
-    if lo < -1 - IMAGE_RANGE_TOLERANCE or hi > 1 + IMAGE_RANGE_TOLERANCE:
-        raise ValueError(f"{name} must lie in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
-                         f"(scale [0, 1] images with x * 2 - 1)")
-
-
 class NonFiniteLossError(RuntimeError):
     """Raised after config.max_nonfinite_steps consecutive NaN/Inf steps."""
-
-
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay for Linear/Conv weights only (by module type, not by name)."""
-    decay, no_decay, seen = [], [], set()
-    for mod in module.modules():
-        for name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (decay if isinstance(mod, DECAYED_MODULES) and name == "weight" else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_factor(step: int, name: str, warmup: int, total: int) -> float:
-    if name != "constant" and warmup > 0 and step < warmup:
-        return step / warmup  # linear warm-up from 0
-    if name in ("constant", "constant_with_warmup"):
-        return 1.0
-    progress = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
-    if name == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine (Loshchilov & Hutter 2017)
-
-
-def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int = 0,
-                  num_training_steps: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
-    """LR schedule by name: constant, constant_with_warmup, linear or cosine.
-
-    Warm-up rises linearly from 0 to the optimizer's lr over num_warmup_steps; linear and
-    cosine then decay to 0 at num_training_steps. Call `.step()` after each optimizer step.
-    A warm-up as long as the run is a warning, not an error: the LR never reaches its peak and
-    never decays, which is a mistake in a real run but fine in a few-step smoke test.
-    """
-    if name not in LR_SCHEDULERS:
-        raise ValueError(f"lr scheduler name={name!r} is not one of {list(LR_SCHEDULERS)}")
-    for arg, value, low in (("num_warmup_steps", num_warmup_steps, 0),
-                            ("num_training_steps", num_training_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg}={value!r} must be an int >= {low}")
-    if name != "constant" and num_warmup_steps >= num_training_steps:
-        peak = (num_training_steps - 1) / num_warmup_steps
-        warnings.warn(
-            f"num_warmup_steps={num_warmup_steps} >= num_training_steps={num_training_steps} "
-            f"(the config's lr_warmup_steps and max_steps): the {name!r} schedule's warm-up "
-            f"never ends, so the learning rate reaches at most {peak:.0%} of its peak and never "
-            "decays; lower the warm-up or train longer", stacklevel=2)
-    factor = partial(_lr_factor, name=name, warmup=num_warmup_steps, total=num_training_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def autocast_dtype(mixed_precision, device: torch.device) -> torch.dtype | None:
@@ -181,26 +98,6 @@ def autocast_dtype(mixed_precision, device: torch.device) -> torch.dtype | None:
     if mixed_precision is True:
         return torch.float16 if device.type == "cuda" else torch.bfloat16
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-class TextConditionedDenoiser(nn.Module):
-    """The UNet and the text encoder as one module, so one optimizer, one EMA and one
-    DistributedDataParallel wrapper cover both. forward returns the UNet's prediction.
-    A UNet without cross-attention (use_spatial_transformer=False) is unconditional: the
-    text is not encoded, and the trainer freezes the text encoder."""
-
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
-        self.uses_text = getattr(unet, "has_cross_attention", True)
-
-    def forward(self, x_t, timesteps, input_ids, attention_mask):
-        if not self.uses_text:
-            return self.unet(x_t, timesteps)["sample"]
-        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
-        context, mask = self.text_encoder(input_ids, attention_mask)  # (B, L, D), (B, L)
-        return self.unet(x_t, timesteps, context, mask)["sample"]
 
 
 def _world() -> tuple[int, int]:
@@ -291,43 +188,20 @@ class AdvancedDiffusionTrainer:
         return images, list(prompts)
 
     def _global_draws(self, shape: torch.Size):
-        """Timesteps, noise and prompt-dropout mask for the whole global batch; this rank keeps
-        its interleaved slice (the data sampler gives it the same slice of the data)."""
-        B, world, rank, g = shape[0], self.world_size, self.rank, self.generator
-        G = B * world
-        t = torch.randint(0, self.config.num_train_timesteps, (G,), generator=g)
-        noise = torch.randn((G, *shape[1:]), generator=g)
-        if self.config.noise_offset > 0:  # offset noise (Guttenberg 2023): per-channel shift
-            noise = noise + self.config.noise_offset * torch.randn((G, shape[1], 1, 1),
-                                                                   generator=g)
-        drop = torch.rand(G, generator=g) < self.config.cfg_dropout
-        return t[rank::world], noise[rank::world], drop[rank::world]
-
-    def loss_per_sample(self, pred: torch.Tensor, target: torch.Tensor,
-                        timesteps: torch.Tensor) -> torch.Tensor:
-        """The configured loss per sample (B,), min-SNR-weighted when snr_gamma is set."""
-        cfg, L = self.config, AdvancedLossFunctions
-        if cfg.loss_type == "l2":
-            loss = L.l2_loss(pred, target, reduction="per_sample")
-        elif cfg.loss_type == "l1":
-            loss = L.l1_loss(pred, target, reduction="per_sample")
-        else:
-            loss = L.huber_loss(pred, target, c=cfg.huber_c, reduction="per_sample")
-        if cfg.snr_gamma is not None:
-            abar = self.noise_scheduler.alphas_cumprod_float64.to(loss.device)[timesteps]
-            loss = loss * min_snr_weight(abar / (1 - abar), cfg.snr_gamma,
-                                         cfg.prediction_type).to(loss.dtype)
-        return loss
+        """This rank's timesteps, noise and prompt-dropout mask (objective.draw_training_noise)."""
+        return draw_training_noise(self.generator, shape, self.config,
+                                   world_size=self.world_size, rank=self.rank)
 
     def _forward_loss(self, images, prompts, timesteps, noise) -> torch.Tensor:
-        x_t = self.noise_scheduler.add_noise(images, timesteps, noise=noise)
-        abar = self.noise_scheduler.alphas_cumprod_float64[timesteps.cpu()]  # (B,) float64
-        target = training_target(self.config.prediction_type, images, noise, abar)
+        """objective.training_losses for a batch: the per-sample loss (B,)."""
         input_ids, mask = self.tokenizer(prompts)
-        with self.autocast():
-            pred = self.net(x_t, timesteps.to(self.device), input_ids.to(self.device),
-                            mask.to(self.device))
-        return self.loss_per_sample(pred.float(), target.float(), timesteps.to(self.device))
+
+        def model(x_t, t):
+            with self.autocast():
+                return self.net(x_t, t, input_ids.to(self.device), mask.to(self.device))
+
+        return training_losses(model, self.noise_scheduler, images, timesteps.to(self.device),
+                               noise, self.config)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -541,7 +415,7 @@ class AdvancedDiffusionTrainer:
         cfg, step = self.config, schedule.last_epoch
         if (saved.max_steps, saved.lr_warmup_steps) != (cfg.max_steps, cfg.lr_warmup_steps) \
                 and cfg.lr_scheduler == saved.lr_scheduler:
-            before = saved.learning_rate * _lr_factor(step, saved.lr_scheduler,
+            before = saved.learning_rate * lr_factor(step, saved.lr_scheduler,
                                                       saved.lr_warmup_steps, saved.max_steps)
             after = self.optimizer.param_groups[0]["lr"]  # the stretched schedule's, just set
             if after != before:
@@ -599,63 +473,3 @@ def _check_complete(state: dict) -> None:
                               f"trainer checkpoint (it holds {sorted(map(str, state))})")
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Deterministic, resumable batches for one rank.
-
-    Epoch e shuffles the dataset with `derived_seed(seed, e)`; global batch b is
-    perm[b*G:(b+1)*G] with G = batch_size * world_size, and rank r takes its interleaved slice
-    [r::world_size] (the trainer slices its noise the same way). The last incomplete global
-    batch is dropped.
-    `set_position(epoch, batch)` resumes mid-epoch without replaying earlier batches.
-    """
-
-    def __init__(self, dataset_len: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True):
-        self.global_batch = batch_size * world_size
-        if dataset_len < self.global_batch:
-            raise ValueError(f"the dataset has {dataset_len} items, fewer than one global batch "
-                             f"of {self.global_batch} (batch_size {batch_size} x {world_size} "
-                             "processes)")
-        self.dataset_len, self.world_size, self.rank = dataset_len, world_size, rank
-        self.seed, self.shuffle = seed, shuffle
-        self.batches_per_epoch = dataset_len // self.global_batch
-        self.epoch, self.start_batch = 0, 0
-
-    def set_position(self, epoch: int, batch: int) -> None:
-        self.epoch, self.start_batch = epoch, batch
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.start_batch
-
-    def __iter__(self):
-        if self.shuffle:
-            seed = derived_seed(self.seed, self.epoch)
-            order = torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(self.dataset_len)
-        G = self.global_batch
-        for b in range(self.start_batch, self.batches_per_epoch):
-            yield order[b * G:(b + 1) * G][self.rank::self.world_size].tolist()
-
-
-def resume_position(epoch: int, batch: int, saved: dict, now: dict, batches_per_epoch: int):
-    """Where to resume in the data: (epoch, batch, message or ""). The saved position (epoch,
-    batch) counts global batches of the saving run. The epoch's order depends on the seed, the
-    dataset size and the shuffling rule (`data_order`) only, so with a new global batch the run
-    goes on after the items already seen (skipping fewer than one batch); with a new seed,
-    dataset size or rule the order is another one, and the run goes on from the start of the
-    next epoch. A checkpoint without `data_order` was shuffled by rule 1; one without the other
-    keys resumes as if they were unchanged."""
-    saved = {"data_order": 1, **saved}
-    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
-    if not changed or batch == 0:
-        return epoch, batch, ""
-    what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-    if changed.keys() == {"global_batch"}:
-        seen = batch * saved["global_batch"]
-        batch = -(-seen // now["global_batch"])
-        if batch < batches_per_epoch:
-            return epoch, batch, (f"{what} since the checkpoint: epoch {epoch} goes on after its "
-                                  f"first {seen} items, at batch {batch}")
-    return epoch + 1, 0, (f"{what} since the checkpoint: the rest of epoch {epoch}'s order is "
-                          f"another one; training goes on from the start of epoch {epoch + 1}")

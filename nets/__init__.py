@@ -13,7 +13,12 @@ from .attention import (
     explicit_attention,
 )
 from .blocks import Downsample, Dropout, Normalize, ResBlock, Upsample, norm_groups
-from .cpu import Conv2d, Linear, PrepackedWeight, keep_freed_memory, reuse_packed_weights
+from .cpu import (
+    cpu_has_fast_low_precision,
+    keep_freed_memory,
+    prepacked_for_cpu_inference,
+)
+from .denoiser import TextConditionedDenoiser
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_as_batch
 from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock, trim_padding
 from .unet import (
@@ -23,7 +28,6 @@ from .unet import (
     UNet,
     UpBlock,
     attention_levels_for,
-    cpu_has_fast_low_precision,
     masked_mean,
 )
 
@@ -33,17 +37,14 @@ __all__ = [
     "AttentionBlock",
     "BasicTransformerBlock",
     "ByteTokenizer",
-    "Conv2d",
     "CrossAttention",
     "DownBlock",
     "Downsample",
     "Dropout",
     "FeedForward",
     "GEGLU",
-    "Linear",
     "MidBlock",
     "Normalize",
-    "PrepackedWeight",
     "ResBlock",
     "SpatialTransformer",
     "TextEncoder",
@@ -59,8 +60,9 @@ __all__ = [
     "keep_freed_memory",
     "masked_mean",
     "norm_groups",
-    "reuse_packed_weights",
+    "prepacked_for_cpu_inference",
     "timestep_embedding",
     "timesteps_as_batch",
     "trim_padding",
+    "TextConditionedDenoiser",
 ]

@@ -28,7 +28,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .blocks import Dropout, Normalize
-from .cpu import Linear
 
 # "efficient" is what `enable_xformers_memory_efficient_attention` selects: PyTorch's
 # memory-efficient kernel where it exists (CUDA) and the fused flash kernel otherwise (the
@@ -169,11 +168,11 @@ class CrossAttention(nn.Module):
         self.heads, self.dim_head = heads, dim_head
         self.context_dim = context_dim
         if context_dim is None:
-            self.to_qkv = Linear(query_dim, 3 * inner_dim, bias=False)
+            self.to_qkv = nn.Linear(query_dim, 3 * inner_dim, bias=False)
         else:
-            self.to_q = Linear(query_dim, inner_dim, bias=False)
-            self.to_kv = Linear(context_dim, 2 * inner_dim, bias=False)
-        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), Dropout(dropout))
+            self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), Dropout(dropout))
         self.slice_size = None
         self.backend = None
 
@@ -210,7 +209,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = Linear(dim_in, 2 * dim_out)
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
         a, gate = self.proj(x).chunk(2, dim=-1)  # each (..., dim_out)
@@ -225,8 +224,8 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = dim * mult
         project_in = (GEGLU(dim, inner_dim) if glu
-                      else nn.Sequential(Linear(dim, inner_dim), nn.GELU()))
-        self.net = nn.Sequential(project_in, Dropout(dropout), Linear(inner_dim, dim))
+                      else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU()))
+        self.net = nn.Sequential(project_in, Dropout(dropout), nn.Linear(inner_dim, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -274,11 +273,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner_dim = n_heads * d_head
         self.norm = Normalize(in_channels)
-        self.proj_in = Linear(in_channels, inner_dim)
+        self.proj_in = nn.Linear(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim)
             for _ in range(depth))
-        self.proj_out = Linear(inner_dim, in_channels)  # zero-initialised
+        self.proj_out = nn.Linear(inner_dim, in_channels)  # zero-initialised
 
     def forward(self, x, context=None, key_padding_mask=None):
         h, w = x.shape[-2:]

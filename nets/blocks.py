@@ -9,8 +9,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .cpu import Conv2d, Linear
-
 MAX_NORM_GROUPS = 32  # GroupNorm groups of guided-diffusion / Stable Diffusion
 GROUP_NORM_EPS = 1e-5
 DROPOUT_BITS = 16  # resolution of the CPU dropout's random numbers: p is rounded to 1/65536
@@ -82,7 +80,7 @@ class Downsample(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.op = Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
         elif out_channels != channels:
             raise ValueError(f"Downsample without a conv keeps the channels; got "
                              f"channels={channels}, out_channels={out_channels}")
@@ -105,7 +103,7 @@ class Upsample(nn.Module):
         if not use_conv and out_channels != channels:
             raise ValueError(f"Upsample without a conv keeps the channels; got "
                              f"channels={channels}, out_channels={out_channels}")
-        self.conv = Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
@@ -136,14 +134,14 @@ class ResBlock(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.norm1 = Normalize(in_channels)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         if up:
             self.resample = Upsample(in_channels, use_conv=False)
         elif down:
             self.resample = Downsample(in_channels, use_conv=False)
         else:
             self.resample = None
-        self.emb_proj = Linear(emb_channels,
+        self.emb_proj = nn.Linear(emb_channels,
                                2 * out_channels if use_scale_shift_norm else out_channels)
         self.norm2 = Normalize(out_channels)
         if not use_scale_shift_norm and self.norm2.num_groups == out_channels:
@@ -152,9 +150,9 @@ class ResBlock(nn.Module):
                           f"timestep embedding entirely; use use_scale_shift_norm=True or "
                           f"more than {MAX_NORM_GROUPS} channels", stacklevel=2)
         self.dropout = Dropout(dropout)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised
         self.skip = (nn.Identity() if out_channels == in_channels
-                     else Conv2d(in_channels, out_channels, 1))
+                     else nn.Conv2d(in_channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.norm1(x))

@@ -7,8 +7,6 @@ import numbers
 import torch
 from torch import nn
 
-from .cpu import Linear
-
 MAX_PERIOD = 10_000  # longest wavelength of the sinusoids (Vaswani et al. 2017)
 
 
@@ -66,9 +64,9 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, model_channels: int, time_embed_dim: int):
         super().__init__()
         self.model_channels = model_channels
-        self.linear_1 = Linear(model_channels, time_embed_dim)
+        self.linear_1 = nn.Linear(model_channels, time_embed_dim)
         self.act = nn.SiLU()
-        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(timesteps, self.model_channels)  # (B, model_channels)

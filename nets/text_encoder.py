@@ -94,7 +94,7 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     UNet's cross-attention, the pooled embedding), so the real tokens' results do not depend
     on those positions; cutting them at the longest prompt of the batch saves their work
     (configs/shapes.yaml: 77 -> at most 20 positions; its training step went from 230 to 208
-    ms on the 2-core machine). attention_mask: (B, L) bool, True = real.
+    ms on a 2-core AMD EPYC, AVX2). attention_mask: (B, L) bool, True = real.
     """
     attention_mask = check_attention_mask(input_ids, attention_mask)
     real = attention_mask.any(dim=0).nonzero()  # (n, 1) positions real in some row

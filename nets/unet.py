@@ -12,7 +12,7 @@ Layout, for channel_mult of length L (level i works at sample_size / 2**i pixels
 use_spatial_transformer, else a plain self-attention AttentionBlock that takes no text.
 
 Attention placement: `attention_resolutions` are feature-map sizes for an input of
-`sample_size` (DESIGN.md); they are turned into level indices once, at construction
+`sample_size` (docs/design.md); they are turned into level indices once, at construction
 (level i has size sample_size // 2**i). The model then applies attention at those same
 levels for any input size, so a model built for 64x64 runs at 32x32 or 64x96 with the same
 weights and the same layout.
@@ -33,24 +33,12 @@ from .attention import (
     check_slice_size,
 )
 from .blocks import Downsample, Normalize, ResBlock, Upsample
-from .cpu import Conv2d, Linear, memory_format_of
+from .cpu import cpu_has_fast_low_precision
 from .embeddings import TimestepEmbedding, timesteps_as_batch
 
 TIME_EMBED_MULT = 4  # timestep-embedding width / model_channels (guided-diffusion)
 # input dtypes autocast converts to its compute dtype (float64 it leaves alone)
 AUTOCAST_INPUT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-
-
-def cpu_has_fast_low_precision(dtype: torch.dtype) -> bool:
-    """Whether this CPU runs `dtype` (bf16/fp16) convolutions and matmuls natively (oneDNN with
-    AVX512-BF16/AMX or AVX512-FP16). Without it they are emulated: on the AVX2 machines this
-    project is benchmarked on, a bf16 3x3 conv is ~4-80x and a bf16 matmul ~100x slower than
-    fp32; on the AVX-512/AMX ones bf16 autocast is 1.6-2.1x faster than fp32 (README)."""
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
 
 
 def attention_levels_for(attention_resolutions, sample_size: int, num_levels: int
@@ -200,8 +188,8 @@ class UNet(nn.Module):
         # Optional: the prompt's mean text state, projected, is added to the timestep
         # embedding (Imagen's pooled text embedding, Saharia et al. 2022), so every ResBlock
         # is conditioned on the prompt, not only the attention levels.
-        self.text_pool_proj = Linear(context_dim, emb_dim) if pooled_text else None
-        self.conv_in = Conv2d(in_channels, model_channels, 3, padding=1)
+        self.text_pool_proj = nn.Linear(context_dim, emb_dim) if pooled_text else None
+        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         skip_widths = [model_channels]
         ch = model_channels
@@ -236,7 +224,7 @@ class UNet(nn.Module):
 
         self.norm_out = Normalize(ch)
         self.act_out = nn.SiLU()
-        self.conv_out = Conv2d(ch, out_channels, 3, padding=1)  # zero-initialised
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)  # zero-initialised
         self._said_xformers = False  # enable_xformers_memory_efficient_attention says so once
 
     @classmethod
@@ -393,16 +381,6 @@ class UNet(nn.Module):
     # one warning): same numbers as fp32, never the 4-100x slowdown. Set to False to force
     # the emulated low-precision path (the tests do, to check it).
     fp32_when_cpu_autocast_is_slow = True
-    # CPU inference (no autograd, fp32) runs in channels_last inside the network and returns
-    # the input's memory format: with the prepacked convolutions (nets.cpu.Conv2d) oneDNN then
-    # reads and writes the activations in place, without converting them around every conv.
-    channels_last_cpu_inference = True
-
-    def _runs_channels_last(self, sample) -> bool:
-        """When conv_in (and so every nets.Conv2d) takes its prepacked path for `sample`."""
-        uses_packed_weight = getattr(self.conv_in, "uses_packed_weight", None)  # not nn.Conv2d
-        return (self.channels_last_cpu_inference and uses_packed_weight is not None
-                and uses_packed_weight(sample))
 
     def forward(self, sample, timestep, context=None, key_padding_mask=None):
         self._check_dtypes(sample, context)  # before the fallback below casts to fp32
@@ -429,10 +407,6 @@ class UNet(nn.Module):
         if self.text_pool_proj is not None:
             emb = emb + self.text_pool_proj(masked_mean(context, key_padding_mask))
 
-        channels_last = self._runs_channels_last(sample)
-        if channels_last:
-            input_format = memory_format_of(sample)
-            sample = sample.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(sample)  # (B, model_channels, H, W)
         skips = [h]
         for block in self.down_blocks:
@@ -442,7 +416,7 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             h = block(h, skips, emb, context, key_padding_mask)
         out = self.conv_out(self.act_out(self.norm_out(h)))  # (B, out_channels, H, W)
-        return out.contiguous(memory_format=input_format) if channels_last else out
+        return out
 
 
 class AdvancedUNet(nn.Module):

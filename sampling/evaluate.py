@@ -22,18 +22,22 @@ from pathlib import Path
 
 import torch
 
-from diffusion import SHAPES, all_captions, shapes_adherence
-from diffusion.config import positive_int
+from diffusion import SHAPES, all_captions
 from nets import keep_freed_memory
 
-from .pipeline import (
+from .cli import (
     FROM_CONFIG,
-    AdvancedDiffusionPipeline,
     add_device_argument,
     check_output_path,
+    exit_on_error,
     make_folder,
-    make_grid,
+    positive_int,
 )
+from .images import make_grid
+from .pipeline import AdvancedDiffusionPipeline
+from .shapes_checker import shapes_adherence
+
+PROG = "evaluate"  # errors end the script as one line: "evaluate: message"
 
 SHUFFLE_SEED = 12345
 
@@ -101,32 +105,28 @@ def check_grid(grid: str | None) -> None:
 def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()
-    try:
+    with exit_on_error(PROG):  # ValueError, CheckpointError included
         check_grid(args.grid)
         pipeline = AdvancedDiffusionPipeline.from_checkpoint(
             args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    except ValueError as err:  # CheckpointError is one too
-        sys.exit(f"evaluate: {err}")
     config = pipeline.config
     if config.in_channels != 3:  # before sampling: the checker reads colour
-        sys.exit(f"evaluate: the shapes checker scores RGB images; {args.checkpoint} holds a "
+        sys.exit(f"{PROG}: the shapes checker scores RGB images; {args.checkpoint} holds a "
                  f"model of in_channels={config.in_channels}")
     if config.dataset != "shapes":
-        print(f"evaluate: warning: {args.checkpoint} was trained on dataset="
+        print(f"{PROG}: warning: {args.checkpoint} was trained on dataset="
               f"{config.dataset!r}; the score measures the shapes captions only",
               file=sys.stderr)
     if args.untrained:
         torch.manual_seed(config.seed)
         pipeline = AdvancedDiffusionPipeline(config, device=args.device)
     start = time.perf_counter()
-    try:
+    with exit_on_error(PROG):  # e.g. --sampler heun, --steps 0: one line, not a traceback
         settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
         if args.grid:
             make_folder(Path(args.grid).parent, "--grid")
         images, prompts = sample_all_captions(pipeline, args.seeds, batch_size=args.batch_size,
                                               **settings)
-    except ValueError as err:  # e.g. --sampler heun, --steps 0: one line, not a traceback
-        sys.exit(f"evaluate: {err}")
     seconds = time.perf_counter() - start
     scored = shuffled(prompts) if args.shuffle_prompts else prompts
     result = shapes_adherence(images * 2 - 1, scored)  # the checker reads [-1, 1]
@@ -141,10 +141,8 @@ def main(argv=None):
         keep = min(args.grid_seeds or args.seeds, args.seeds)  # the grid shows scored images
         picked = [i for i in range(len(prompts)) if i % args.seeds < keep]  # caption-major
         grid = make_grid(images[picked], [prompts[i] for i in picked], columns=keep * len(SHAPES))
-        try:
+        with exit_on_error(PROG, OSError, f"cannot write --grid {args.grid!r}"):  # full disk
             grid.save(args.grid)
-        except OSError as err:  # e.g. the disk filled up while writing
-            sys.exit(f"evaluate: cannot write --grid {args.grid!r}: {err}")
     return 0
 
 

@@ -1,49 +1,31 @@
 """AdvancedDiffusionPipeline: text-to-image and image-to-image with a trained (or fresh) UNet and
-text encoder, plus `decode_latents` and the image helpers the scripts use.
+text encoder (prompts -> text encoder -> guided model function -> `sample` -> `decode_latents`),
+and the checks of its inputs. Tensors <-> PIL images and grids are sampling/images.py; the
+scripts' argument helpers are sampling/cli.py, which this module does not import.
 
 This codebase works in pixel space: there is no VAE, "latents" are the images themselves in
 [-1, 1], and `decode_latents` only rescales them to [0, 1].
 """
 
-import argparse
-import os
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
 from diffusion.checkpoint import MODEL_FIELDS, CheckpointError, config_from_checkpoint
 from diffusion.config import MAX_SEED
-from diffusion.data import DECODE_ERRORS, HIGH_DEPTH_WHITE, unit_float_image, unit_to_tensor
+from diffusion.images import check_image_range
 from diffusion.scheduler import check_strength
-from diffusion.trainer import TextConditionedDenoiser, check_image_range
-from nets import AdvancedUNet, TextEncoder
+from nets import AdvancedUNet, TextConditionedDenoiser, TextEncoder, prepacked_for_cpu_inference
 
+from .images import check_pil_channels, from_pil, open_image, to_pil
 from .samplers import check_sampler, guided_model_fn, sample
 
-CAPTION_HEIGHT = 12  # pixels of caption text under each grid cell
-GRID_PAD = 2
-CAPTION_WIDTH = 96  # room for about 16 characters of the default PIL font
 DEFAULT_STRENGTH = 0.8  # image-to-image: the guide's generate_variations example
-FROM_CONFIG = "default: the checkpoint config's value"  # the scripts' --help for such options
-PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # channels -> PIL mode
-
-
-def add_device_argument(parser) -> None:
-    """The scripts' `--device`: cuda when this machine has a GPU, else cpu."""
-    def device_type(name):
-        try:
-            return parse_device(name)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    parser.add_argument("--device", type=device_type,
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to sample (default: cuda when available, else cpu)")
 
 
 def parse_device(name: str | torch.device) -> torch.device:
@@ -74,54 +56,6 @@ def check_seed(seed, count: int = 1, name: str = "seed") -> None:
         each = f" (image i of {count} uses {name} + i, at most 2**63 - 1)" if count > 1 else ""
         raise ValueError(f"{name}={seed!r} is out of range; allowed: 0 <= {name} <= {high}"
                          f"{each}")
-
-
-def check_output_path(path: str | Path, name: str, *, folder: bool = False) -> Path:
-    """A script's output, checked before any sampling: `path` must be a file (or, with folder,
-    a folder) that is new or of that kind, under folders that exist or can be made and whose
-    nearest existing one is writable. ValueError naming `name` and the path otherwise.
-    Nothing is created (see `make_folder`)."""
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is an existing file, not a folder")
-    if not folder and path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is an existing folder, not a file")
-    parent = path if folder else path.parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is under {str(existing)!r}, which is a file, "
-                         f"not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {str(path)!r}: the folder {str(existing)!r} is not writable")
-    return path
-
-
-def make_folder(folder: Path, name: str) -> None:
-    """mkdir -p `folder` for the output `name`; ValueError saying why it cannot be made."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{name}: cannot create the folder {str(folder)!r} "
-                         f"({err.strerror or err})") from None
-
-
-def open_image(path: str | Path, name: str) -> Image.Image:
-    """Open and decode an image file; ValueError naming `name` and the path when it is missing,
-    a folder, or not an image PIL can read."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{name} {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a folder, not an image file")
-    image = None
-    try:
-        image = Image.open(path)
-        image.load()  # which closes the file of a single-frame image
-    except DECODE_ERRORS as err:  # UnidentifiedImageError, broken chunks (SyntaxError), ...
-        if image is not None:
-            image.close()
-        raise ValueError(f"{name} {str(path)!r} cannot be read as an image: {err}") from None
-    return image
 
 
 def _prompt_list(prompt, name: str, *, one_allowed: bool) -> list[str]:
@@ -184,68 +118,30 @@ def decode_latents(latents: torch.Tensor) -> torch.Tensor:
     return ((latents.float() + 1) / 2).clamp(0, 1)
 
 
-def check_pil_channels(channels: int) -> None:
-    """PIL images have 1 to 4 channels (L, LA, RGB, RGBA); ValueError naming in_channels."""
-    if channels not in PIL_MODES:
-        raise ValueError(f"in_channels={channels} images cannot be PIL images (allowed: 1 to "
-                         f"4 channels, {'/'.join(PIL_MODES.values())}); use "
-                         f"AdvancedDiffusionPipeline.generate for tensors")
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(C, H, W) in [0, 1] -> a PIL image: L, LA, RGB or RGBA for 1 to 4 channels."""
-    check_pil_channels(image.shape[0])
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array,
-                           mode=PIL_MODES[array.shape[2]])
-
-
-def from_pil(image: Image.Image, channels: int,
-             size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A PIL image -> (1, channels, H, W) in [-1, 1], converted to L, LA, RGB or RGBA, and
-    resized (bicubic) to size = (width, height) when given. High bit depth greyscale (16-bit
-    PNGs, mode F in [0, 1]) is scaled to full precision, as the training data is (convert()
-    would clip it at 255: white); an alpha channel is then 1."""
-    check_pil_channels(channels)
-    if image.mode in HIGH_DEPTH_WHITE:
-        image = unit_float_image(image)  # mode F in [0, 1], resized in float below
-    if size is not None and image.size != size:
-        image = image.resize(size, Image.BICUBIC)
-    if image.mode == "F":
-        colour = 1 if channels < 3 else 3
-        grey = unit_to_tensor(np.asarray(image, dtype=np.float32), colour)  # (colour, H, W)
-        alpha = torch.ones(channels - colour, *grey.shape[1:])  # opaque
-        return torch.cat([grey, alpha]).unsqueeze(0)
-    image = image.convert(PIL_MODES[channels])
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    x = x.reshape(image.height, image.width, channels).permute(2, 0, 1)  # (C, H, W)
-    return (x.float() / 255 * 2 - 1).unsqueeze(0)
-
-
-def make_grid(images: torch.Tensor, captions: Sequence[str] | None = None,
-              columns: int | None = None, scale: int = 2) -> Image.Image:
-    """A grid of (B, C, H, W) images in [0, 1], each upscaled by `scale`, with its caption
-    written under it."""
-    B = images.shape[0]
-    columns = columns or min(B, 8)
-    rows = -(-B // columns)
-    h, w = images.shape[2] * scale, images.shape[3] * scale
-    text_h = CAPTION_HEIGHT if captions else 0
-    cell_h = h + text_h + GRID_PAD
-    cell_w = max(w, CAPTION_WIDTH if captions else w) + GRID_PAD
-    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(B):
-        x, y = (i % columns) * cell_w, (i // columns) * cell_h
-        grid.paste(to_pil(images[i]).convert("RGB").resize((w, h), Image.NEAREST), (x, y))
-        if captions:
-            draw.text((x, y + h), str(captions[i])[:24], fill="black")
-    return grid
+@contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Run the block with `modules` in eval mode (dropout off), then give every submodule back
+    the mode it had before, also when the block raises: modules the caller passed in (the
+    trainer's, drawing a sample grid mid-training) come back as they went in."""
+    before = [(module, [m.training for m in module.modules()]) for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for module, modes in before:
+            for m, training in zip(module.modules(), modes):  # parents before their children
+                if m.training != training:
+                    m.train(training)
 
 
 class AdvancedDiffusionPipeline:
     """Generation from `(config, unet, text_encoder, scheduler)`; missing parts are built from
-    the config (untrained). `from_checkpoint(path)` loads what `train.py` saved."""
+    the config (untrained). `from_checkpoint(path)` loads what `train.py` saved.
+
+    The modules it builds are in eval mode. A unet or text encoder passed in keeps its mode:
+    generation switches them to eval mode for its own duration only (see `eval_mode`).
+    """
 
     def __init__(self, config: DiffusionConfig, unet=None, text_encoder=None,
                  scheduler: AdvancedScheduler | None = None, device=None):
@@ -258,14 +154,14 @@ class AdvancedDiffusionPipeline:
                              "config than the pipeline's: " + "; ".join(differences)
                              + "; pass the config they were built with")
         self.config = config
-        self.unet = unet if unet is not None else AdvancedUNet(config)
+        self.unet = unet if unet is not None else AdvancedUNet(config).eval()
         self.text_encoder = text_encoder if text_encoder is not None else \
-            TextEncoder.from_config(config)
+            TextEncoder.from_config(config).eval()
         self.scheduler = scheduler or AdvancedScheduler(config)
         self.device = parse_device(device) if device is not None else \
             next(self.unet.parameters()).device
-        self.unet.to(self.device).eval()
-        self.text_encoder.to(self.device).eval()
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
         self._cpu_offload = False
         self._batched_guidance = True
         self._said = set()
@@ -282,7 +178,7 @@ class AdvancedDiffusionPipeline:
             device = parse_device(device)
         state = load_checkpoint_file(path)
         config = config_from_checkpoint(state, path)
-        unet, text_encoder = AdvancedUNet(config), TextEncoder.from_config(config)
+        unet, text_encoder = AdvancedUNet(config).eval(), TextEncoder.from_config(config).eval()
         unet.load_state_dict(state["model"])
         text_encoder.load_state_dict(state["text_encoder"])
         if use_ema and state.get("ema") is None:
@@ -435,27 +331,31 @@ class AdvancedDiffusionPipeline:
             if len(timesteps) == 0:
                 return decode_latents(init_images)
             x_T = self.scheduler.add_noise(init_images.to(self.device), timesteps[0], noise=x_T)
-        unet = self._on_device(self.unet)
+        # eval mode (dropout off) for this generation only: a caller's modules keep their mode
+        with eval_mode(self.unet, self.text_encoder):
+            unet = self._on_device(self.unet)
 
-        def denoise(x, t, context=None, mask=None):
-            return unet(x, t, context, mask)["sample"].float()
+            def denoise(x, t, context=None, mask=None):
+                return unet(x, t, context, mask)["sample"].float()
 
-        if self.unet.has_cross_attention:
-            cond, uncond = self._encode(prompts, [negative_prompt or ""] * len(prompts))
-            model_fn = guided_model_fn(denoise, cond, uncond, resolved["guidance_scale"],
-                                       guidance_rescale=resolved["guidance_rescale"],
-                                       batched=self._batched_guidance)
-        else:  # unconditional: the prompts only label the images, guidance would be a no-op
-            self._say_once("unconditional", "this UNet has no cross-attention "
-                           "(use_spatial_transformer=False): it is unconditional, so prompts, "
-                           "negative_prompt and guidance_scale do not change the images",
-                           stacklevel=4)  # generate's caller, past torch.no_grad's wrapper
-            model_fn = denoise
-        x0 = sample(model_fn, self.scheduler, x_T, sampler=sampler,
-                    num_inference_steps=num_inference_steps, eta=resolved["eta"],
-                    generator=generators, callback=callback, timesteps=timesteps)
-        self._off_device(unet)
-        return decode_latents(x0)
+            if self.unet.has_cross_attention:
+                cond, uncond = self._encode(prompts, [negative_prompt or ""] * len(prompts))
+                model_fn = guided_model_fn(denoise, cond, uncond, resolved["guidance_scale"],
+                                           guidance_rescale=resolved["guidance_rescale"],
+                                           batched=self._batched_guidance)
+            else:  # unconditional: the prompts only label the images, guidance would be a no-op
+                self._say_once("unconditional", "this UNet has no cross-attention "
+                               "(use_spatial_transformer=False): it is unconditional, so prompts, "
+                               "negative_prompt and guidance_scale do not change the images",
+                               stacklevel=4)  # generate's caller, past torch.no_grad's wrapper
+                model_fn = denoise
+            # on the CPU every step reuses the UNet's weights laid out for oneDNN once (nets/cpu.py)
+            with prepacked_for_cpu_inference(unet):
+                x0 = sample(model_fn, self.scheduler, x_T, sampler=sampler,
+                            num_inference_steps=num_inference_steps, eta=resolved["eta"],
+                            generator=generators, callback=callback, timesteps=timesteps)
+            self._off_device(unet)
+            return decode_latents(x0)
 
     @staticmethod
     def _check_init_images(init_images, shape: tuple[int, int, int, int]) -> torch.Tensor:

@@ -9,7 +9,7 @@ generator, callback)`, and follows the list exactly: step i goes from `timesteps
 `scheduler.previous_timestep(timesteps[i])` (the next entry, whatever the spacing), and the
 step after the last entry goes to abar = 1, the clean sample. Network outputs become
 (x0_hat, eps_hat) in one place, `AdvancedScheduler.convert_model_output`, which also applies
-x0 clipping / thresholding, so every sampler clips the same way (DESIGN.md, Math).
+x0 clipping / thresholding, so every sampler clips the same way (docs/design.md, Math).
 
 Notation (per timestep t): abar = alphas_cumprod[t]; the variance-preserving (VP) sample is
 x_t = alpha x0 + sigma_vp eps with alpha = sqrt(abar), sigma_vp = sqrt(1 - abar);
@@ -27,7 +27,6 @@ import torch
 
 from diffusion import AdvancedScheduler, randn_like
 from diffusion.scheduler import STEP_SAMPLERS, Generators  # Generators: see randn_like
-from nets import reuse_packed_weights
 
 # k-diffusion's default: the full ancestral noise, which makes `euler_ancestral` the same
 # chain as DDIM with eta = 1 (see sample_euler_ancestral). `sample`'s eta is DDIM's only.
@@ -253,9 +252,7 @@ def sample(model_fn: Callable, scheduler: AdvancedScheduler, x_T: torch.Tensor, 
     euler_ancestral): one torch.Generator for the batch, or a list of B, one per image, so
     that image i depends on generator[i] only. callback(i, t, x) after every step, x being
     the sample at the next timestep (the final sample after the last). Half-precision
-    samples are updated in float32 and returned in x_T's dtype. The loop runs inside
-    nets.reuse_packed_weights(): on the CPU every step reuses the network's weights laid out
-    for oneDNN once (do not edit weights through `.data` from the callback).
+    samples are updated in float32 and returned in x_T's dtype.
     """
     check_sampler(sampler)
     scheduler_for_sampler = scheduler
@@ -268,9 +265,8 @@ def sample(model_fn: Callable, scheduler: AdvancedScheduler, x_T: torch.Tensor, 
         _check_tail(timesteps, scheduler_for_sampler.timesteps)
     work_dtype = torch.promote_types(x_T.dtype, torch.float32)
     x = x_T.to(work_dtype) * scheduler_for_sampler.init_noise_sigma
-    with reuse_packed_weights():
-        x = SAMPLER_FNS[sampler](model_fn, x, timesteps, scheduler=scheduler_for_sampler,
-                                 eta=eta, generator=generator, callback=callback)
+    x = SAMPLER_FNS[sampler](model_fn, x, timesteps, scheduler=scheduler_for_sampler,
+                             eta=eta, generator=generator, callback=callback)
     return x.to(x_T.dtype)
 
 

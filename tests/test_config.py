@@ -1,6 +1,5 @@
 """DiffusionConfig: the guide's defaults, (de)serialisation, validation and --set overrides."""
 
-import argparse
 import dataclasses
 import inspect
 import pickle
@@ -14,7 +13,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from diffusion import DiffusionConfig, config_reference, parse_overrides
-from diffusion.config import positive_int
 
 
 def test_guide_defaults():
@@ -240,7 +238,26 @@ def test_cross_field_errors(kwargs, message):
 
 
 def test_cosine_ignores_beta_range():
-    DiffusionConfig(beta_schedule="cosine", beta_start=0.02, beta_end=0.01)
+    """The cosine schedule is defined without beta_start/beta_end: validation lets any range
+    through (even an inverted one) and the scheduler's tables do not depend on it."""
+    import math
+
+    import torch
+
+    from diffusion import AdvancedScheduler
+
+    ranges = [(0.0001, 0.02), (0.02, 0.01), (0.001, 0.5)]
+    tables = [AdvancedScheduler(DiffusionConfig(beta_schedule="cosine", num_train_timesteps=100,
+                                                beta_start=lo, beta_end=hi))
+              for lo, hi in ranges]
+    for other in tables[1:]:
+        assert torch.equal(other.betas, tables[0].betas)
+        assert torch.equal(other.alphas_cumprod_float64, tables[0].alphas_cumprod_float64)
+    # And they are the Nichol & Dhariwal table: abar_t = f(t + 1) / f(0) before the 0.999 clip.
+    f = [math.cos((t / 100 + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(101)]
+    abar = tables[0].alphas_cumprod_float64
+    for t in (0, 10, 50, 90):
+        assert abar[t].item() == pytest.approx(f[t + 1] / f[0], rel=1e-9)
 
 
 def test_parse_overrides_types():
@@ -343,10 +360,3 @@ def test_parse_overrides_strips_spaces_and_keeps_an_empty_value_a_string():
     assert parse_overrides([" seed = 3 ", "snr_gamma="]) == {"seed": 3, "snr_gamma": ""}
     with pytest.raises(TypeError, match="snr_gamma='' must be float or None"):
         DiffusionConfig().with_overrides({"snr_gamma": ""})
-
-
-def test_positive_int_accepts_one_and_refuses_zero():
-    assert positive_int("1") == 1
-    for text in ("0", "-2", "x"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            positive_int(text)

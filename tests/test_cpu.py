@@ -1,25 +1,30 @@
-"""Tests of nets/cpu.py: the prepacked inference layers compute what F.conv2d / F.linear
-compute, only inside reuse_packed_weights(), notice the ways their weight can change there and
-stay out of training; keep_freed_memory really stops large blocks from being page-faulted in
-again."""
+"""Tests of nets/cpu.py: inside prepacked_for_cpu_inference(...) the plain nn.Conv2d / nn.Linear
+layers compute what F.conv2d / F.linear compute, through oneDNN with their weights laid out
+once, only for fp32 CPU inference; every way a weight can change through its Parameter is
+seen; leaving the block (an exception included) restores the modules; the UNet runs
+channels_last inside and returns its input's memory format; the pipeline applies it;
+keep_freed_memory really stops large blocks from being page-faulted in again."""
 
 import copy
 import io
+import pickle
 import platform
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torch.optim.optimizer as optimizer_module
-from helpers import randomize
+from helpers import randomize, tiny_config
 from torch import nn
 
 from diffusion import DiffusionConfig
-from nets import AdvancedUNet, Conv2d, Linear, UNet, reuse_packed_weights
+from nets import AdvancedUNet, TextEncoder, prepacked_for_cpu_inference
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="the prepacked path needs oneDNN (mkldnn)")
 
@@ -42,13 +47,34 @@ def reference(layer, x):
 
 # (layer, an input for it)
 LAYERS = {
-    "conv": lambda: (Conv2d(4, 4, 3, padding=1), torch.randn(1, 4, 8, 8)),
-    "linear": lambda: (Linear(6, 5), torch.randn(2, 3, 6)),
+    "conv": lambda: (nn.Conv2d(4, 4, 3, padding=1), torch.randn(1, 4, 8, 8)),
+    "linear": lambda: (nn.Linear(6, 6), torch.randn(2, 3, 6)),
 }
+
+
+@contextmanager
+def onednn_disabled():
+    """torch.backends.mkldnn.enabled = False for the block (its `flags` warns about TF32)."""
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def packed(layer) -> bool:
+    """Whether `layer` holds a weight laid out for oneDNN (made only on the fast path)."""
+    return layer.__dict__.get("_packed") is not None
+
+
+def plain(module) -> bool:
+    """Whether nothing inside `module` is left changed by a block: classes and attributes."""
+    return all(type(m).__module__ != "nets.cpu" and "_packed" not in m.__dict__
+               for m in module.modules())
 
 
 @pytest.mark.parametrize("kernel,stride,padding,bias", [
@@ -56,40 +82,77 @@ def rel_err(a, b):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_packed_convolution_matches_conv2d(kernel, stride, padding, bias, channels_last):
     torch.manual_seed(0)
-    conv = Conv2d(6, 10, kernel, stride=stride, padding=padding, bias=bias)
+    conv = nn.Conv2d(6, 10, kernel, stride=stride, padding=padding, bias=bias)
     if bias:
         nn.init.normal_(conv.bias)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    # packed for the first shape, then used with another batch and spatial size
-    for shape in [(2, 6, 12, 16), (3, 6, 9, 7)]:
-        x = torch.randn(shape).contiguous(memory_format=fmt)
-        with torch.no_grad(), reuse_packed_weights():
+    with torch.no_grad(), prepacked_for_cpu_inference(conv):
+        # packed for the first shape, then used with another batch and spatial size
+        for shape in [(2, 6, 12, 16), (3, 6, 9, 7)]:
+            x = torch.randn(shape).contiguous(memory_format=fmt)
             out = conv(x)
+            assert packed(conv)  # the fast path ran
             expected = reference(conv, x)
-            assert conv._packed is not None  # the fast path ran
-        assert out.shape == expected.shape
-        assert rel_err(out, expected) < 1e-5
-        assert out.is_contiguous(memory_format=fmt)  # the format F.conv2d returns
+            assert out.shape == expected.shape
+            assert rel_err(out, expected) < 1e-5
+            assert out.is_contiguous(memory_format=fmt)  # the format F.conv2d returns
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(7, 6), (2, 5, 6), (2, 3, 4, 6)])
 def test_packed_linear_matches_linear(shape, bias):
     torch.manual_seed(0)
-    layer = Linear(6, 9, bias=bias)
+    layer = nn.Linear(6, 9, bias=bias)
     if bias:
         nn.init.normal_(layer.bias)
-    x = torch.randn(shape)
-    # packed for one number of rows, then used with another and with a non-contiguous input
-    for inputs in [x, torch.randn(11, 6), torch.randn(6, 4, 5).transpose(0, 2)]:
-        with torch.no_grad(), reuse_packed_weights():
-            out = layer(inputs)
-            assert layer._packed is not None  # the fast path ran
-        assert rel_err(out, reference(layer, inputs)) < 1e-5
+    with torch.no_grad(), prepacked_for_cpu_inference(layer):
+        # packed for one number of rows, then used with another and with a non-contiguous input
+        for x in [torch.randn(shape), torch.randn(11, 6), torch.randn(6, 4, 5).transpose(0, 2)]:
+            out = layer(x)
+            assert packed(layer)  # the fast path ran
+            assert rel_err(out, reference(layer, x)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_weight_changes_repack(kind):
+def test_leaving_the_block_restores_the_layer(kind):
+    layer, x = LAYERS[kind]()
+    plain_class = type(layer)
+    with torch.no_grad():
+        with prepacked_for_cpu_inference(layer):
+            assert type(layer) is not plain_class and isinstance(layer, plain_class)
+            assert repr(layer) == repr(LAYERS[kind]()[0])  # repr unchanged
+            layer(x)
+            assert packed(layer)
+        assert type(layer) is plain_class and plain(layer)
+        with pytest.raises(RuntimeError, match="inside"):
+            with prepacked_for_cpu_inference(layer):
+                layer(x)
+                assert packed(layer)
+                raise RuntimeError("inside")
+        assert type(layer) is plain_class and plain(layer)
+    assert not optimizer_module._global_optimizer_post_hooks  # the block's hook is gone
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_nested_blocks_leave_the_outer_ones_state(kind):
+    """An inner block on the same (or an enclosing) module changes nothing the outer block
+    set up, and its exit leaves the outer block's laid-out weights and classes in place."""
+    layer, x = LAYERS[kind]()
+    outer = nn.Sequential(layer)
+    with torch.no_grad(), prepacked_for_cpu_inference(layer):
+        layer(x)
+        packed_class, laid_out = type(layer), layer._packed[-1]
+        with prepacked_for_cpu_inference(outer, layer):
+            layer(x)
+            assert layer._packed[-1] is laid_out  # not laid out again
+        assert type(layer) is packed_class and layer._packed[-1] is laid_out
+        layer(x)
+        assert layer._packed[-1] is laid_out
+    assert plain(outer)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_weight_changes_are_laid_out_again(kind):
     torch.manual_seed(0)
     layer, x = LAYERS[kind]()
     shape = layer.weight.shape
@@ -97,12 +160,12 @@ def test_weight_changes_repack(kind):
     def check():
         with torch.no_grad():
             assert rel_err(layer(x), reference(layer, x)) < 1e-5
-        assert layer._packed is not None
+        assert packed(layer)
 
-    with reuse_packed_weights():
+    with prepacked_for_cpu_inference(layer):
         check()
         with torch.no_grad():
-            layer.weight.mul_(-2.0)  # in place: the version counter moves
+            layer.weight.mul_(-2.0)  # in place on the Parameter: its version counter moves
         check()
         layer.load_state_dict({"weight": torch.randn(shape), "bias": torch.randn(shape[0])})
         check()
@@ -114,12 +177,14 @@ def test_weight_changes_repack(kind):
             layer.weight.data = torch.randn(shape)
             layer.weight.data = torch.randn(shape)
             check()
+        layer.double().float()  # .to() replaces the weights' data
+        check()
         optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
         layer(x).square().sum().backward()
         optimizer.step()
         check()
-        # fused optimizers (the trainer's AdamW on the CPU) bump no version counter: the
-        # copies are dropped after every optimizer step instead
+        # fused optimizers (the trainer's AdamW on the CPU) bump no version counter: the laid
+        # out weights are dropped after every optimizer step instead
         for fused in (torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True),
                       torch.optim.SGD(layer.parameters(), lr=0.5, fused=True)):
             version = layer.weight._version
@@ -127,34 +192,14 @@ def test_weight_changes_repack(kind):
             fused.step()
             assert layer.weight._version == version  # why the version check cannot see it
             check()
-    assert not optimizer_module._global_optimizer_post_hooks  # the block's hook is gone
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_copies_live_only_inside_the_block(kind):
-    """Outside reuse_packed_weights() the layer is the plain one, so every way of editing a
-    weight (`.data` included, which no version counter records) is seen; leaving the
-    outermost block drops the copies."""
+def test_new_parameter_on_the_same_storage_and_moved_views_are_laid_out_again(kind):
+    """Identity, data pointer and strides each catch a change the other checks miss."""
     torch.manual_seed(0)
     layer, x = LAYERS[kind]()
-    with torch.no_grad():
-        layer(x)
-        assert layer._packed is None
-        with reuse_packed_weights():
-            with reuse_packed_weights():
-                layer(x)
-            assert layer._packed is not None  # the inner block's exit keeps it
-        assert layer._packed is None
-        layer.weight.data.mul_(-3.0)
-        assert rel_err(layer(x), reference(layer, x)) < 1e-5
-
-
-@pytest.mark.parametrize("kind", LAYERS)
-def test_new_parameter_on_the_same_storage_and_moved_views_repack(kind):
-    """Identity and data pointer each catch a change the other checks miss."""
-    torch.manual_seed(0)
-    layer, x = LAYERS[kind]()
-    with torch.no_grad(), reuse_packed_weights():
+    with torch.no_grad(), prepacked_for_cpu_inference(layer):
         layer(x)
         packed_version = layer.weight._version
         new = nn.Parameter(layer.weight.data)  # same storage, a version counter of its own
@@ -170,71 +215,76 @@ def test_new_parameter_on_the_same_storage_and_moved_views_repack(kind):
         assert rel_err(layer(x), reference(layer, x)) < 1e-5
         layer.weight.data = flat[n:].view(layer.weight.shape)  # only the pointer moves
         assert rel_err(layer(x), reference(layer, x)) < 1e-5
+        w = layer.weight.data
+        layer.weight.data = w.transpose(0, 1)  # only the strides move (square weights)
+        assert layer.weight.data_ptr() == w.data_ptr()
+        assert rel_err(layer(x), reference(layer, x)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_training_and_autograd_use_the_plain_layer(kind):
+def test_edits_outside_the_block_are_seen(kind):
+    """Outside the block the layer is the plain one, so every way of editing a weight (`.data`
+    included, which no version counter records) is seen by the next block."""
+    torch.manual_seed(0)
+    layer, x = LAYERS[kind]()
+    with torch.no_grad():
+        with prepacked_for_cpu_inference(layer):
+            layer(x)
+        layer.weight.data.mul_(-3.0)
+        with prepacked_for_cpu_inference(layer):
+            assert rel_err(layer(x), reference(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_autograd_uses_the_plain_layer(kind):
     torch.manual_seed(0)
     layer, x = LAYERS[kind]()
     x.requires_grad_(True)
-    with reuse_packed_weights():
+    expected = layer(x)
+    with prepacked_for_cpu_inference(layer):
         out = layer(x)
-        assert layer._packed is None
+        assert not packed(layer)
         out.square().sum().backward()
-        assert layer.weight.grad is not None and x.grad is not None
-        with torch.no_grad():
-            layer(x)
-        assert layer._packed is not None
-        layer.train()
-        assert layer._packed is None  # train() (and eval()) drop the copy
+    assert torch.equal(out, expected)  # the same kernel as outside
+    assert layer.weight.grad is not None and x.grad is not None
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_switch_off_and_other_dtypes(kind, monkeypatch):
+def test_other_dtypes_and_autocast_use_the_plain_layer(kind):
     layer, x = LAYERS[kind]()
-    monkeypatch.setattr(type(layer), "prepack_for_inference", False)
-    with torch.no_grad(), reuse_packed_weights():
-        layer(x)
-        assert layer._packed is None  # inside the block: leaving it drops copies anyway
-    monkeypatch.setattr(type(layer), "prepack_for_inference", True)
-    layer = layer.double()
-    with torch.no_grad(), reuse_packed_weights():
-        out = layer(x.double())
-        assert layer._packed is None and out.dtype == torch.float64
-
-
-@pytest.mark.parametrize("kind", LAYERS)
-def test_autocast_inside_the_block_uses_the_plain_layer(kind):
-    """Under CPU autocast the layers compute in bfloat16 as nn.Conv2d / nn.Linear do."""
-    layer, x = LAYERS[kind]()
-    with torch.no_grad(), reuse_packed_weights(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(x)
-        assert layer._packed is None and out.dtype == torch.bfloat16
+    with torch.no_grad():
+        with prepacked_for_cpu_inference(layer), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+            assert not packed(layer) and out.dtype == torch.bfloat16
+        layer = layer.double()
+        with prepacked_for_cpu_inference(layer):
+            out = layer(x.double())
+            assert not packed(layer) and out.dtype == torch.float64
+        with onednn_disabled(), prepacked_for_cpu_inference(layer):
+            layer.float()(x)
+            assert not packed(layer)
 
 
 def test_packed_convolution_of_a_one_channel_input_stays_contiguous():
     """(B, 1, H, W) is contiguous in both formats: the output is F.conv2d's, contiguous."""
-    conv = Conv2d(1, 4, 3, padding=1)
+    conv = nn.Conv2d(1, 4, 3, padding=1)
     x = torch.randn(2, 1, 8, 8)
-    with torch.no_grad(), reuse_packed_weights():
+    with torch.no_grad(), prepacked_for_cpu_inference(conv):
         out = conv(x)
-        assert conv._packed is not None
+        assert packed(conv)
     assert out.is_contiguous() and rel_err(out, reference(conv, x)) < 1e-5
 
 
-@pytest.mark.parametrize("kind", LAYERS)
-def test_copies_and_pickles_after_inference(kind):
-    layer, x = LAYERS[kind]()
-    with torch.no_grad(), reuse_packed_weights():
-        expected = layer(x)
-        twin = copy.deepcopy(layer)  # oneDNN tensors cannot be deep-copied: the copy is dropped
-        assert twin._packed is None and layer._packed is not None
-        buffer = io.BytesIO()
-        torch.save(layer, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    with torch.no_grad(), reuse_packed_weights():
-        assert torch.equal(twin(x), expected) and torch.equal(loaded(x), expected)
+def test_subclasses_are_left_alone():
+    """A subclass of nn.Linear may compute something else in its forward: not replaced."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = Scaled(6, 6)
+    x = torch.randn(3, 6)
+    with torch.no_grad(), prepacked_for_cpu_inference(layer):
+        assert type(layer) is Scaled and torch.equal(layer(x), 2 * reference(layer, x))
 
 
 def small_unet(size, width):
@@ -248,57 +298,146 @@ def small_unet(size, width):
     return model, torch.randn(2, 3, size, size), torch.randn(2, 5, width)
 
 
-def test_unet_inference_same_with_and_without_prepacking(monkeypatch):
-    model, x, context = small_unet(16, 32)
-    with torch.no_grad(), reuse_packed_weights():
-        packed = model(x, 10, context)["sample"]
-        assert all(m._packed is not None for m in model.modules()
-                   if isinstance(m, (Conv2d, Linear)))
-        x_last = x.contiguous(memory_format=torch.channels_last)
-        packed_last = model(x_last, 10, context)["sample"]
-        monkeypatch.setattr(Conv2d, "prepack_for_inference", False)
-        monkeypatch.setattr(Linear, "prepack_for_inference", False)
-        plain = model(x, 10, context)["sample"]
-    assert rel_err(packed, plain) < 1e-5 and rel_err(packed_last, plain) < 1e-5
-    # channels_last inside, the input's memory format outside
-    assert packed.is_contiguous() and packed_last.is_contiguous(memory_format=torch.channels_last)
-    assert not model.unet._runs_channels_last(x)  # autograd on: never
+def layers_of(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def test_copies_and_pickles_inside_the_block_are_plain():
+    model, x, context = small_unet(8, 16)
     with torch.no_grad():
-        assert not model.unet._runs_channels_last(x)  # outside the block: never
+        with prepacked_for_cpu_inference(model):
+            expected = model(x, 10, context)["sample"]
+            twin = copy.deepcopy(model)  # oneDNN tensors cannot be copied: plain layers
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            layer = pickle.loads(pickle.dumps(model.unet.conv_in))
+            assert all(packed(m) for m in layers_of(model))  # the original keeps its own
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for copied in (twin, loaded):
+            assert type(copied) is AdvancedUNet and plain(copied)
+            assert rel_err(copied(x, 10, context)["sample"], expected) < 1e-5
+        assert type(layer) is nn.Conv2d and plain(layer)
 
 
-def test_unet_runs_channels_last_inside_the_block_unless_switched_off(monkeypatch):
-    """Inside reuse_packed_weights() the activations are channels_last (conv_out sees them so)
-    for a contiguous input; UNet.channels_last_cpu_inference = False keeps them contiguous."""
-    model, x, context = small_unet(8, 16)
+def conv_out_formats(model):
+    """Memory formats conv_out's input had, one per call: 'contiguous' or 'channels_last'."""
     formats = []
-    model.unet.conv_out.register_forward_pre_hook(
-        lambda module, args: formats.append(args[0].is_contiguous()))
-    with torch.no_grad(), reuse_packed_weights():
-        model(x, 10, context)
-        monkeypatch.setattr(UNet, "channels_last_cpu_inference", False)
-        model(x, 10, context)
-    assert formats == [False, True]
+    model.unet.conv_out.register_forward_pre_hook(lambda module, args: formats.append(
+        "contiguous" if args[0].is_contiguous() else "channels_last"))
+    return formats
 
 
-def test_sampling_loop_reuses_the_packed_weights():
-    """sampling.sample runs its loop inside reuse_packed_weights(): the network called from
-    model_fn lays out each weight once for all steps, and the copies go when it returns."""
-    from diffusion import AdvancedScheduler
-    from sampling import sample
+def test_unet_inference_same_with_and_without_prepacking():
+    """The UNet gives the plain layers' numbers, runs channels_last inside and returns its
+    input's memory format, for either input format."""
+    model, x, context = small_unet(16, 32)
+    formats = conv_out_formats(model)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain_out = model(x, 10, context)["sample"]
+        with prepacked_for_cpu_inference(model):
+            out = model(x, 10, context)["sample"]
+            assert all(packed(m) for m in layers_of(model))
+            out_last = model(x_last, 10, context)["sample"]
+        assert plain(model)
+    assert formats == ["contiguous", "channels_last", "channels_last"]
+    assert rel_err(out, plain_out) < 1e-5 and rel_err(out_last, plain_out) < 1e-5
+    assert out.is_contiguous() and out_last.is_contiguous(memory_format=torch.channels_last)
 
+
+def test_unet_is_unchanged_where_the_fast_path_does_not_apply():
+    """Autograd, autocast, float64 and a disabled oneDNN give the plain model's exact output
+    (same kernels), with nothing laid out and the activations in the input's format."""
     model, x, context = small_unet(8, 16)
-    scheduler = AdvancedScheduler(model.config)
-    copies = []
+    formats = conv_out_formats(model)
 
-    def model_fn(x_t, t):
-        out = model(x_t, t, context)["sample"]
-        copies.append(model.unet.conv_in._packed[-1])
-        return out
+    def both(**kw):
+        expected = model(x, 10, context)["sample"]
+        with prepacked_for_cpu_inference(model):
+            out = model(x, 10, context)["sample"]
+            assert not any(packed(m) for m in layers_of(model))
+        assert torch.equal(out, expected), kw
 
-    sample(model_fn, scheduler, x[:, :, :8, :8], sampler="ddim", num_inference_steps=3)
-    assert len(copies) == 3 and all(c is copies[0] for c in copies)
-    assert all(m._packed is None for m in model.modules() if isinstance(m, (Conv2d, Linear)))
+    both(grad=True)
+    with torch.no_grad():
+        model.unet.fp32_when_cpu_autocast_is_slow = False  # really compute in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            both(autocast=True)
+        with onednn_disabled():
+            both(mkldnn=False)
+        model.double()
+        x, context = x.double(), context.double()
+        both(dtype=torch.float64)
+    assert set(formats) == {"contiguous"}
+
+
+def test_only_modules_with_convolutions_change_their_memory_format():
+    """The text encoder (no convolution) keeps its class; its linear layers are laid out."""
+    encoder = TextEncoder.from_config(tiny_config()).eval()
+    randomize(encoder)
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        expected, _ = encoder(ids)
+        with prepacked_for_cpu_inference(encoder):
+            assert type(encoder) is TextEncoder
+            out, _ = encoder(ids)
+            assert all(packed(m) for m in layers_of(encoder))
+    assert rel_err(out, expected) < 1e-5 and plain(encoder)
+
+
+def test_pipeline_generate_samples_inside_the_block():
+    """generate lays each UNet weight out once for all steps and restores the UNet after."""
+    from sampling import AdvancedDiffusionPipeline
+
+    config = tiny_config(num_inference_steps=3)
+    torch.manual_seed(0)
+    unet, encoder = AdvancedUNet(config).eval(), TextEncoder.from_config(config).eval()
+    randomize(unet)
+    pipeline = AdvancedDiffusionPipeline(config, unet, encoder)
+    laid_out = []  # conv_in's laid-out weight at each call
+    unet.unet.conv_in.register_forward_hook(
+        lambda module, args, out: laid_out.append(module.__dict__.get("_packed")))
+    expected = pipeline.generate(["a red circle"], [0], guidance_scale=2.0)
+    assert len(laid_out) >= 3 and laid_out[0] is not None
+    assert all(w[-1] is laid_out[0][-1] for w in laid_out)
+    assert plain(unet)
+    with onednn_disabled():  # the plain layers: the same images
+        images = pipeline.generate(["a red circle"], [0], guidance_scale=2.0)
+    assert laid_out[-1] is None and rel_err(images, expected) < 1e-5
+
+
+def test_compiled_unet_does_not_use_the_onednn_ops():
+    """Under torch.compile the layers take the plain path (dynamo traces F.conv2d / F.linear,
+    never the oneDNN ops), and a module compiled in place keeps its input's memory format
+    (a channels_last input would only recompile); the numbers match eager inference."""
+    model, x, context = small_unet(8, 16)
+    graphs = []
+
+    def record(graph_module, example_inputs):  # a backend that runs the traced graph as is
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    with torch.no_grad():
+        with prepacked_for_cpu_inference(model):
+            eager = model(x, 10, context)["sample"]
+        torch._dynamo.reset()
+        model.unet.compile(backend=record)
+        with prepacked_for_cpu_inference(model):
+            assert type(model) is AdvancedUNet  # not switched to channels_last
+            compiled = model(x, 10, context)["sample"]
+    assert rel_err(compiled, eager) < 1e-5
+    traced = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    assert any("conv2d" in target for target in traced)
+    assert not any("mkldnn" in target for target in traced)
+
+
+def test_the_networks_are_plain_torch_nn():
+    """The oneDNN operators and PyTorch internals stay in nets/cpu.py."""
+    for path in sorted((ROOT / "nets").glob("*.py")):
+        if path.name != "cpu.py":
+            text = path.read_text()
+            assert "torch._C" not in text and "torch.ops.mkldnn" not in text, path.name
 
 
 KEEP_FREED_CHILD = """
@@ -335,24 +474,3 @@ def test_keep_freed_memory_reuses_large_blocks():
     # by default glibc unmaps each freed block and the kernel faults the next one in again
     assert min(settled_faults("default")) > pages // 2
     assert max(settled_faults("keep")) < pages // 20  # every freed block is reused
-
-
-def test_compiled_unet_matches_the_prepacked_eager_unet():
-    """Under torch.compile the layers take the plain path (dynamo traces F.conv2d / F.linear,
-    never the oneDNN ops); the numbers match eager inference, which uses the packed path."""
-    model, x, context = small_unet(8, 16)
-    graphs = []
-
-    def record(graph_module, example_inputs):  # a backend that runs the traced graph as is
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    with torch.no_grad(), reuse_packed_weights():
-        eager = model(x, 10, context)["sample"]
-        torch._dynamo.reset()
-        model.unet.compile(backend=record)
-        compiled = model(x, 10, context)["sample"]
-    assert rel_err(compiled, eager) < 1e-5
-    traced = [str(node.target) for graph in graphs for node in graph.graph.nodes]
-    assert any("conv2d" in target for target in traced)
-    assert not any("mkldnn" in target for target in traced)

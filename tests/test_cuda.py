@@ -132,10 +132,19 @@ def test_mixed_precision_training_learns_and_keeps_fp32_master_weights(precision
     trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config, device=CUDA)
     assert (trainer.scaler is not None) == (precision == "fp16")
     batch = shapes_batch(config)
-    losses = [trainer.train_step(batch)["loss"] for _ in range(60)]
+    metrics = [trainer.train_step(batch) for _ in range(60)]
+    losses = [m["loss"] for m in metrics]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all()
                for p in trainer.denoiser.parameters())
-    assert trainer.global_step + trainer.skipped_steps <= 60
+    # gradient_accumulation_steps=1: every call closes a window, which either updates or is
+    # counted as skipped, never both and never neither; only updates step the LR and the EMA.
+    assert [m["step"] + m["skipped_steps"] for m in metrics] == list(range(1, 61))
+    assert trainer.global_step == sum(m["updated"] for m in metrics)
+    assert trainer.lr_scheduler.last_epoch == trainer.ema.num_updates == trainer.global_step
+    if precision == "bf16":  # no GradScaler: a skip would mean a NaN/Inf gradient
+        assert trainer.skipped_steps == 0 and trainer.global_step == 60
+    else:  # each fp16 overflow halves the scale (2**16 at first; it grows after 2000 clean steps)
+        assert trainer.scaler.get_scale() == 2.0**16 / 2**trainer.skipped_steps
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first, (first, last)  # one repeated batch: the loss must fall
 

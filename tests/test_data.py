@@ -14,20 +14,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffusion import DiffusionConfig
-from diffusion.data import (
+from diffusion.data import build_dataset, collate
+from diffusion.folder import ImageFolderDataset
+from diffusion.images import unit_float_image
+from diffusion.shapes import (
     SHAPE_COLOURS,
     SHAPES,
-    ImageFolderDataset,
     ShapesDataset,
     all_captions,
-    build_dataset,
-    classify_shape_image,
-    collate,
     draw_shape,
     parse_caption,
-    shapes_adherence,
-    unit_float_image,
 )
+from sampling.shapes_checker import classify_shape_image, shapes_adherence
 
 N_CAPTIONS = len(SHAPE_COLOURS) * len(SHAPES)
 N_CHECK = 600  # images per checker test: 25 per caption

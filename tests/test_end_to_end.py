@@ -12,19 +12,18 @@ from diffusion import (
     ShapesDataset,
     all_captions,
     collate,
-    shapes_adherence,
 )
 from nets import AdvancedUNet
-from sampling import AdvancedDiffusionPipeline
+from sampling import AdvancedDiffusionPipeline, shapes_adherence
 from sampling.evaluate import shuffled
 
-# Measured on the 2-core machine (scratch runs): after 300 steps with 10 DDIM steps colour
-# adherence ranged 0.23-0.90 with the torch seed; 300 steps with DDPM gave 0.54-0.90. 500 steps
-# with DDPM gave 0.92-1.00 over torch seeds 0, 3, 4 but one data order, and 0.48-1.00 over eight
-# data orders (GlobalBatchSampler seeds 0-7; 1 thread instead of 2 alone moved order 0 from
-# 0.48 to 0.71), so a change of data order failed it. 800 steps gave 0.83-1.00
-# over orders 0, 4 and 7 (the three weakest at 500) and image seeds 0-3. Chance is 1/6 and the
-# bar 3x chance. About 210 s on 2 cores.
+# Measured by running this test with other settings on a 2-core CPU: after 300 steps with 10
+# DDIM steps colour adherence ranged 0.23-0.90 with the torch seed; 300 steps with DDPM gave
+# 0.54-0.90. 500 steps with DDPM gave 0.92-1.00 over torch seeds 0, 3, 4 but one data order,
+# and 0.48-1.00 over eight data orders (GlobalBatchSampler seeds 0-7; 1 thread instead of 2
+# alone moved order 0 from 0.48 to 0.71), so a change of data order failed it. 800 steps gave
+# 0.83-1.00 over orders 0, 4 and 7 (the three weakest at 500) and image seeds 0-3. Chance is
+# 1/6 and the bar 3x chance. About 210 s on 2 cores.
 STEPS = 800
 SAMPLER = "ddpm"
 SEEDS = (0, 1)

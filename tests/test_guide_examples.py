@@ -8,8 +8,6 @@ helpers (`dataloader`, `validate_model`, `save_checkpoint`, `device`) are given 
 definitions here.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +22,7 @@ from diffusion import (
     get_scheduler,
 )
 from losses import AdvancedLossFunctions
-from nets import AdvancedUNet
+from nets import AdvancedUNet, MidBlock, SpatialTransformer
 from sampling import AdvancedDiffusionPipeline, decode_latents
 
 # The guide's DiffusionConfig call with CPU-sized model fields (the rest exactly as printed).
@@ -45,7 +43,8 @@ def test_core_components():
     timestep = torch.randint(0, 1000, (1,))
     encoder_hidden_states = torch.randn(1, 77, config.context_dim)
     output = model(sample, timestep, encoder_hidden_states)
-    assert output["sample"].shape == (1, 3, 32, 32)
+    # The output conv starts at zero (_init_weights), so the untrained model predicts 0.
+    assert torch.equal(output["sample"], torch.zeros(1, 3, 32, 32))
 
     scheduler = AdvancedScheduler(config)
     original_samples = torch.randn(2, 3, 32, 32)
@@ -53,7 +52,27 @@ def test_core_components():
     noisy_samples = scheduler.add_noise(original_samples, timesteps)
     model_output = torch.randn(2, 3, 32, 32)
     result = scheduler.step(model_output, 500, noisy_samples)
-    assert result.prev_sample.shape == (2, 3, 32, 32)
+
+    # The guide's schedule (linear 1e-4..0.02, T = 1000), computed here in float64.
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), dim=0)
+    # add_noise is sqrt(abar) x0 + sqrt(1 - abar) eps: the eps it drew is standard normal.
+    a = abar[timesteps].view(2, 1, 1, 1)
+    drawn = (noisy_samples.double() - a.sqrt() * original_samples) / (1 - a).sqrt()
+    assert drawn.mean(dim=(1, 2, 3)).abs().max() < 0.1  # 3072 draws each: sd 0.018
+    assert (drawn.std(dim=(1, 2, 3)) - 1).abs().max() < 0.1
+    # Given the noise, it is that formula exactly; t = 10 and 500, where x0 still counts.
+    fixed_t, given_noise = torch.tensor([10, 500]), torch.randn(2, 3, 32, 32)
+    a = abar[fixed_t].view(2, 1, 1, 1)
+    torch.testing.assert_close(scheduler.add_noise(original_samples, fixed_t, given_noise),
+                               (a.sqrt() * original_samples + (1 - a).sqrt() * given_noise).float())
+    # step at t=500 (no set_timesteps: all 1000 timesteps) is a DDIM step to t=499 with the
+    # guide's eta=0, x0_hat clipped to [-1, 1] (clip_sample) and eps recomputed from it.
+    a_t, a_prev = abar[500], abar[499]
+    x_t, eps = noisy_samples.double(), model_output.double()
+    x0 = ((x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(result.prev_sample, expected.float(), rtol=1e-5, atol=1e-5)
 
     pred = torch.randn(4, 3, 32, 32)
     target = torch.randn(4, 3, 32, 32)
@@ -65,18 +84,48 @@ def test_core_components():
     snr_loss = AdvancedLossFunctions.snr_loss(pred, target, noise, timesteps, gamma=5.0)
     alpha_bar = torch.rand(4, 1, 1, 1)
     v_loss = AdvancedLossFunctions.v_prediction_loss(pred, target, alpha_bar)
-    for loss in (l2_loss, l1_loss, huber_loss, snr_loss, v_loss):
-        assert loss.ndim == 0 and torch.isfinite(loss)
+    # Each loss against its formula, computed here in float64.
+    d = (pred - target).double()
+    per_sample_mse = (d**2).mean(dim=(1, 2, 3))
+    snr = abar[timesteps] / (1 - abar[timesteps])
+    expected = {
+        "l2": (d**2).mean(),
+        "l1": d.abs().mean(),
+        "huber": ((d**2 + 0.001**2).sqrt() - 0.001).mean(),  # pseudo-Huber, c = 0.001
+        # min-SNR-5 weighting of an epsilon loss: min(SNR, 5) / SNR per sample
+        "snr": (per_sample_mse * torch.clamp(snr, max=5.0) / snr).mean(),
+        # v-space MSE of an x0 prediction: ||x0_hat - x0||^2 / (1 - abar)
+        "v": (d**2 / (1 - alpha_bar.double())).mean(),
+    }
+    got = {"l2": l2_loss, "l1": l1_loss, "huber": huber_loss, "snr": snr_loss, "v": v_loss}
+    for name, loss in got.items():
+        assert loss.ndim == 0, name
+        torch.testing.assert_close(loss.double(), expected[name], rtol=1e-5, atol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_model_architecture_section():
     config = guide_config()
     model = AdvancedUNet(config)
     assert len(model.unet.down_blocks) == len(model.unet.up_blocks) == 2
-    assert model.unet.mid_block is not None
+    # The guide's middle: ResBlock, a SpatialTransformer (use_spatial_transformer), ResBlock.
+    assert isinstance(model.unet.mid_block, MidBlock)
+    assert isinstance(model.unet.mid_block.attention, SpatialTransformer)
+    assert len(model.unet.mid_block.resnets) == 2
     total_params = sum(p.numel() for p in model.parameters())
-    assert total_params > 0
+    # A regression pin, not a derived number: the count measured for guide_config() (the
+    # guide's fields with SMALL_MODEL's sizes). It moves only when the architecture does.
+    assert total_params == 1_529_443
+    with torch.no_grad():  # scramble every weight; _init_weights must set them all again
+        for p in model.parameters():
+            p.normal_()
     model._init_weights()
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight))
+                         and not m.bias.any() for m in norms)
+    assert not model.unet.conv_out.weight.any() and not model.unet.conv_out.bias.any()
+    out = model(torch.randn(1, 3, 32, 32), 10, torch.randn(1, 77, config.context_dim))
+    assert torch.equal(out["sample"], torch.zeros(1, 3, 32, 32))  # zero output conv
 
 
 def test_training_pipeline():
@@ -90,8 +139,15 @@ def test_training_pipeline():
     }
     metrics = trainer.train_step(batch)
     print(f"Loss: {metrics['loss']:.4f}")
-    assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
-    assert metrics["learning_rate"] >= 0
+    # The untrained model predicts exactly 0 (zero output conv), so the loss is a min-SNR
+    # weighted mean of eps^2 with weights min(SNR, 5) / SNR in (0, 1]: above 0 and at most
+    # the largest per-image mean of eps^2 (3072 draws each: 1 +- 0.026).
+    assert 0 < metrics["loss"] < 1.15
+    # The guide's cosine schedule warms up over 500 steps from 0: the first update used LR 0
+    # and the next one uses learning_rate / 500.
+    assert metrics["updated"] and metrics["step"] == 1
+    assert metrics["learning_rate"] == 0.0
+    assert trainer.optimizer.param_groups[0]["lr"] == config.learning_rate / 500
 
     no_decay = ["bias", "LayerNorm.weight", "layer_norm.weight"]
     optimizer_grouped_parameters = [
@@ -116,13 +172,21 @@ def test_training_pipeline():
                             enabled=torch.cuda.is_available()):
             output = model(inputs, 10, torch.randn(2, 77, config.context_dim))["sample"]
             loss = F.mse_loss(output, targets)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
         scaler.scale(loss).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        assert model.unet.conv_out.weight.grad.abs().sum() > 0  # the loss reached the output
         scaler.step(optimizer)
         scaler.update()
+        # lr_scheduler's warm-up starts at LR 0, so this AdamW step moves no weight.
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
     if config.use_ema:
         ema_model = EMAModel(model, decay=config.ema_decay)
         ema_model.step(model)
+        # an average of one unchanged set of weights is those weights
+        assert ema_model.num_updates == 1
+        assert all(torch.equal(ema_model.shadow[n], p) for n, p in model.named_parameters())
 
 
 def test_inference_and_sampling(tmp_path):
@@ -137,6 +201,7 @@ def test_inference_and_sampling(tmp_path):
         height=32,
     )
     image.save(tmp_path / "generated_image.png")
+    assert image.size == (32, 32) and image.mode == "RGB"
 
     Image.new("RGB", (48, 40), (200, 100, 50)).save(tmp_path / "input.jpg")
     input_image = Image.open(tmp_path / "input.jpg")
@@ -148,6 +213,7 @@ def test_inference_and_sampling(tmp_path):
         strength=0.8,
     )
     variation.save(tmp_path / "variation.png")
+    assert variation.size == (32, 32) and variation.mode == "RGB"  # resized to sample_size
 
     # Custom sampling: the model returns {"sample": ...} and step accepts it as is.
     device = "cpu"
@@ -262,6 +328,13 @@ def test_custom_loss_example():
             return total_loss
 
     custom_loss = CustomDiffusionLoss(alpha=0.7)
-    loss = custom_loss(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8),
-                       torch.randint(0, 1000, (4,)))
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    pred, target = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    timesteps = torch.randint(0, 1000, (4,))
+    loss = custom_loss(pred, target, timesteps)
+    # 0.7 MSE + 0.3 min-SNR-5 weighted MSE on the guide's schedule, computed here in float64
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), dim=0)
+    snr = abar[timesteps] / (1 - abar[timesteps])
+    per_sample = ((pred - target).double() ** 2).mean(dim=(1, 2, 3))
+    expected = 0.7 * per_sample.mean() + 0.3 * (per_sample * snr.clamp(max=5.0) / snr).mean()
+    assert loss.ndim == 0
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)

@@ -1,5 +1,5 @@
 """Package structure: every package imports first in a fresh interpreter, and imports flow one
-way (DESIGN.md): nets and losses are leaves, diffusion never imports sampling."""
+way (docs/design.md): nets and losses are leaves, diffusion never imports sampling."""
 
 import ast
 import subprocess

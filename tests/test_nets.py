@@ -597,7 +597,7 @@ def test_auto_slicing_makes_two_slices(n, monkeypatch):
 
 
 def test_xformers_toggle_selects_the_efficient_kernel_and_says_so_once():
-    """xformers is not a dependency (DESIGN.md): the toggle picks PyTorch's memory-efficient
+    """xformers is not a dependency (docs/design.md): the toggle picks PyTorch's memory-efficient
     SDPA kernel and warns that it did, once per model, however it is reached."""
     model = build()
     layers = [m for m in model.modules() if isinstance(m, CrossAttention)]
@@ -675,8 +675,8 @@ def record_conv_out_formats(model):
 
 def test_channels_last_matches_contiguous():
     """Inference: a channels_last model and input against the same model run contiguous all
-    the way through. Outside reuse_packed_weights() the UNet keeps its input's memory format
-    (channels_last_cpu_inference acts only inside the block, see tests/test_cpu.py)."""
+    the way through. The UNet keeps its input's memory format (inside
+    nets.prepacked_for_cpu_inference it runs channels_last inside, see tests/test_cpu.py)."""
     model = build(attention_resolutions=(16, 8))
     randomize(model)
     x, t, context = inputs(model.config)

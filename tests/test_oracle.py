@@ -3,7 +3,7 @@
 Single Gaussian, N(mu, s^2) per pixel: the exact denoiser is affine in x_t, so every DDPM/DDIM
 step is affine too, x' = A x + B + sigma z, and the sampler's output is EXACTLY Gaussian with
 moments (m_n, v_n) that follow by propagating (m, v) through the steps. `chain_moments` does
-that from the DESIGN.md formulas, independently of the scheduler's code. Two checks follow:
+that from the docs/design.md formulas, independently of the scheduler's code. Two checks follow:
 1. the sampler's samples match (m_n, v_n) within 5 standard errors of N samples:
    SE(mean) = sqrt(v_n / N), SE(variance) = v_n sqrt(2 / (N - 1)) (Gaussian sampling theory);
 2. (m_n, v_n) approach the data's (mu, s^2) as the number of steps grows. They do not match

@@ -155,8 +155,8 @@ def test_spacing_values():
 
 @given(st.integers(2, 4000), st.data(), st.sampled_from(SPACINGS))
 def test_spacings_are_the_nearest_integers_to_their_real_grids(T, data, spacing):
-    """Each rounded spacing is the nearest integer to its real-valued grid (DESIGN.md): trailing
-    t_k + 1 = T - k T/n, linspace t = j (T-1)/(n-1) for j = 0..n-1; leading is exact, with
+    """Each rounded spacing is the nearest integer to its real-valued grid (docs/design.md):
+    trailing t_k + 1 = T - k T/n, linspace t = j (T-1)/(n-1) for j = 0..n-1; leading is exact, with
     every gap T // n and the last entry steps_offset. Floor or integer division in place of
     round is off by up to 1 for n not dividing T."""
     n = data.draw(st.integers(1, T))

@@ -16,7 +16,7 @@ from helpers import tiny_config
 from PIL import Image
 
 from diffusion.checkpoint import FORMAT_VERSION
-from diffusion.trainer import DATA_ORDER
+from diffusion.data import DATA_ORDER
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -147,7 +147,6 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_signal_inside_an_accumulation_window_stops_at_its_end(tmp_path, monkeypatch):
     """SIGTERM after micro-batch 3 of windows of 2: the run finishes micro-batch 4 (the
     window's update), then saves a checkpoint with no half-accumulated gradients."""
-    import importlib.util
 
     from diffusion.trainer import AdvancedDiffusionTrainer
 
@@ -255,26 +254,22 @@ def test_folders_with_unloadable_or_lone_last_checkpoints_are_never_overwritten(
 
 def test_default_sample_prompts_come_from_the_dataset(tmp_path):
     """A folder run was sampled with shapes captions ('a red circle', ...) by default."""
-    import importlib.util
+    from diffusion import ImageFolderDataset, ShapesDataset, all_captions
+    from diffusion.data import default_sample_prompts
 
-    from diffusion.data import ImageFolderDataset, ShapesDataset, all_captions
-
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     shapes = ShapesDataset(size=24, sample_size=16)
-    assert script.default_sample_prompts(shapes) == all_captions()[::3]
+    assert default_sample_prompts(shapes) == all_captions()[::3]
     captions = ["a cat", "", "a dog", "a cat"] + [f"bird {i}" for i in range(10)]
     for i, caption in enumerate(captions):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i:02d}.png")
         (tmp_path / f"{i:02d}.txt").write_text(caption)
     folder = ImageFolderDataset(tmp_path, sample_size=8)
     expected = ["a cat", "a dog"] + [f"bird {i}" for i in range(6)]
-    assert script.default_sample_prompts(folder) == expected
+    assert default_sample_prompts(folder) == expected
     for i in range(len(captions)):
         (tmp_path / f"{i:02d}.txt").write_text("")
     uncaptioned = ImageFolderDataset(tmp_path, sample_size=8)  # empty captions
-    assert script.default_sample_prompts(uncaptioned) == [""] * 8
+    assert default_sample_prompts(uncaptioned) == [""] * 8
 
 
 def write_bad_inputs(tmp_path):
@@ -333,18 +328,17 @@ def test_bad_arguments_fail_clearly(tmp_path, args, message):
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     """torchrun --nproc_per_node=2 on a 1-GPU machine: the second rank would fail inside
     torch.cuda.set_device, after the process group had started; it stops first and says why."""
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from diffusion import run
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(script.dist, "init_process_group",
+    monkeypatch.setattr(run.dist, "init_process_group",
                         lambda backend: pytest.fail("started a process group"))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(SystemExit, match=r"LOCAL_RANK=1, but this machine has 1 CUDA device"
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1, but this machine has 1 CUDA device"
                                          r".*--nproc_per_node.*CUDA_VISIBLE_DEVICES="):
-        script.setup_distributed()
+        run.setup_distributed()
 
 
 def test_torchrun_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
@@ -372,3 +366,18 @@ def test_torchrun_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
         for name, value in one[key].items():
             torch.testing.assert_close(two[key][name], value, rtol=1e-5, atol=1e-6)
     assert len(list((ddp_dir / "checkpoints").iterdir())) == 1  # rank 0 alone wrote files
+
+
+def test_log_redirected_to_a_file_has_plain_lines(tmp_path):
+    """Under nohup, a batch scheduler or `> train.log` a progress bar's carriage-return redraws
+    pile up into one endless line; a file gets one plain line per log_every steps instead."""
+    config = write_config(tmp_path, max_steps=6, log_every=2, save_every=100)
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "train.py", "--config", str(config)], cwd=ROOT, env=ENV,
+                       stdout=out, stderr=subprocess.STDOUT, timeout=300, check=True)
+    text = log.read_text()
+    assert "\r" not in text
+    progress = [line.split()[1] for line in text.splitlines() if line.startswith("train ")]
+    assert progress == ["0/6", "2/6", "4/6", "6/6", "6/6"], text
+    assert "loss=" in text.splitlines()[-1]

@@ -20,14 +20,12 @@ from diffusion import (
 )
 from diffusion.checkpoint import CheckpointError
 from diffusion.config import MAX_SEED
+from diffusion.data import DATA_ORDER, derived_seed, resume_position
+from diffusion.optim import parameter_groups
 from diffusion.trainer import (
-    DATA_ORDER,
     VALIDATION_SEED,
     autocast_dtype,
-    derived_seed,
     dropout_seed,
-    parameter_groups,
-    resume_position,
     validation_timesteps,
 )
 from nets import AdvancedUNet
@@ -124,9 +122,9 @@ def test_resume_inside_an_accumulation_window_is_bitwise_exact(tmp_path):
 def test_logged_loss_is_the_mean_over_the_accumulation_window():
     trainer = make_trainer(gradient_accumulation_steps=3, use_ema=False)
     losses = []
-    loss_per_sample = trainer.loss_per_sample
-    trainer.loss_per_sample = lambda *a: (lambda v: (losses.append(v.mean().item()), v)[1])(
-        loss_per_sample(*a))
+    forward_loss = trainer._forward_loss
+    trainer._forward_loss = lambda *a: (lambda v: (losses.append(v.mean().item()), v)[1])(
+        forward_loss(*a))
     for i in range(6):  # two windows: the second one's mean starts afresh
         metrics = trainer.train_step(fixed_batch(seed=i))
         window = losses[i - i % 3:]

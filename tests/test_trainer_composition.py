@@ -1,11 +1,11 @@
-"""How AdvancedDiffusionTrainer composes a training step, checked against DESIGN.md directly.
+"""How AdvancedDiffusionTrainer composes a training step, checked against docs/design.md directly.
 
 Each test pins one piece that a scale-invariant optimizer (AdamW's first step is
 p - lr g / (|g| + eps)) would hide from a test that only compares parameters: the gradient's
 scale under accumulation, the min-SNR weights per prediction type, the loss's c, offset noise,
 and clipping. The gradient the optimizer receives is read by an optimizer step pre-hook; the
 network's inputs and output by a forward hook on the denoiser; neither changes the step.
-Expected values are computed here from the DESIGN.md formulas, not from the trainer's helpers.
+Expected values are computed here from the docs/design.md formulas, not from the trainer's helpers.
 """
 
 import copy
@@ -45,14 +45,14 @@ def fixed_draws(shape, seed=1, timesteps=TIMESTEPS):
 
 
 def linear_alphas_cumprod(config):
-    """abar_t of DESIGN.md's `linear` schedule, float64."""
+    """abar_t of docs/design.md's `linear` schedule, float64."""
     betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps,
                            dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0)
 
 
 def min_snr_weight(snr, gamma, prediction_type):
-    """DESIGN.md: min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v, min(SNR, g) for x0."""
+    """docs/design.md: min(SNR, g)/SNR for eps, min(SNR, g)/(SNR + 1) for v, min(SNR, g) for x0."""
     clipped = torch.clamp(snr, max=gamma)
     return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1),
             "sample": clipped}[prediction_type]
@@ -125,7 +125,7 @@ def test_accumulated_gradient_equals_the_big_batch_gradient():
 # ---- the loss: min-SNR weights per prediction type, huber_c, and its gradient ----
 
 def expected_loss(trainer, call, images, noise, per_element):
-    """mean_b w_b * mean(per_element(pred_b - target_b)) from DESIGN.md, for the recorded
+    """mean_b w_b * mean(per_element(pred_b - target_b)) from docs/design.md, for the recorded
     network call; returns it with the target used."""
     cfg = trainer.config
     x_t, t = call["args"][0], call["args"][1]
@@ -145,7 +145,7 @@ def expected_loss(trainer, call, images, noise, per_element):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("snr_gamma", [GAMMA, None])
 def test_step_loss_and_gradient_are_the_min_snr_weighted_mse(prediction_type, snr_gamma):
-    """The reported loss is mean_b w_b ||pred_b - target_b||^2 / n with DESIGN.md's min-SNR
+    """The reported loss is mean_b w_b ||pred_b - target_b||^2 / n with docs/design.md's min-SNR
     weight for the prediction type, and the gradient the optimizer receives is that loss's
     gradient (max_grad_norm large: no clipping)."""
     trainer = make_trainer(prediction_type=prediction_type, snr_gamma=snr_gamma,
@@ -204,7 +204,7 @@ def test_huber_c_from_the_config_reaches_the_loss(huber_c):
 
 @pytest.mark.parametrize("noise_offset", [0.0, 0.5])
 def test_noise_offset_adds_one_gaussian_shift_per_image_and_channel(noise_offset):
-    """Offset noise (DESIGN.md / README): eps = N(0, I) + noise_offset * N(0, 1) per (B, C, 1, 1),
+    """Offset noise (docs/design.md): eps = N(0, I) + noise_offset * N(0, 1) per (B, C, 1, 1),
     used both to make x_t and as the epsilon target. Recover eps from the recorded x_t: the
     spatial means of its (B, C) planes have variance noise_offset^2 + 1/(HW), and what is left
     after removing them has variance ~1."""

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench_unet import BENCH_CONFIGS, build  # noqa: E402
 
-from diffusion.config import positive_int  # noqa: E402
-from diffusion.trainer import parameter_groups  # noqa: E402
+from diffusion.optim import parameter_groups  # noqa: E402
+from sampling.cli import positive_int  # noqa: E402
 
 CUDA = torch.device("cuda")
 WARMUP = 3

@@ -16,10 +16,10 @@ Method (a benchmark, not a test: nothing here asserts anything about time):
   num_res_blocks 1, 4 heads, context_dim 256) at 32x32 with attention_resolutions (16,),
   batch 8; "default" is the guide's DiffusionConfig defaults at 64x64, batch 2. Context
   length 77 (all tokens real). Dropout is the config's (0.1 in both), active in training.
-- inference: eval mode under torch.no_grad inside nets.reuse_packed_weights() (as a sampling
-  loop runs it), so the convolutions and linear layers use weights prepacked for oneDNN and
-  the UNet runs in channels_last inside (nets/cpu.py);
-  `inference_unpacked_ms` turns that off (plain eager layers, NCHW) for comparison. train:
+- inference: eval mode under torch.no_grad inside nets.prepacked_for_cpu_inference(model)
+  (as the pipeline's sampling loop runs it), so the convolutions and linear layers use
+  weights prepacked for oneDNN and the UNet runs in channels_last inside (nets/cpu.py);
+  `inference_unpacked_ms` is the same outside the block (plain eager layers, NCHW). train:
   train mode, zero_grad(set_to_none=True), forward, MSE loss, backward (no optimizer step).
 - the timing process calls nets.keep_freed_memory() first, as train.py and sample.py do
   (`--default-malloc` leaves glibc's defaults, under which every buffer above 32 MiB is
@@ -55,16 +55,15 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffusion import DiffusionConfig  # noqa: E402
-from diffusion.config import positive_int  # noqa: E402
-from diffusion.trainer import parameter_groups  # noqa: E402
+from diffusion.optim import parameter_groups  # noqa: E402
 from nets import (  # noqa: E402
     AdvancedUNet,
     CrossAttention,
-    PrepackedWeight,
     cpu_has_fast_low_precision,
     keep_freed_memory,
-    reuse_packed_weights,
+    prepacked_for_cpu_inference,
 )
+from sampling.cli import positive_int  # noqa: E402
 
 THREADS = 2
 WARMUP = 2
@@ -147,17 +146,9 @@ def count_flops(model, inputs, backward):
 def flops(model, inputs):
     """Useful FLOPs of inference and of forward + backward, plus the explicit-path check.
 
-    Counted on the plain layers: FlopCounterMode does not see the oneDNN ops that the
-    prepacked inference layers call; they do the same multiply-adds.
+    Counted on the plain layers (outside prepacked_for_cpu_inference): FlopCounterMode does
+    not see the oneDNN ops that the prepacked layers call; they do the same multiply-adds.
     """
-    PrepackedWeight.prepack_for_inference = False
-    try:
-        return count_all_flops(model, inputs)
-    finally:
-        PrepackedWeight.prepack_for_inference = True
-
-
-def count_all_flops(model, inputs):
     out = {}
     for key, backward in (("inference", False), ("train", True)):
         model.unet.set_attention_backend(None)
@@ -172,11 +163,6 @@ def count_all_flops(model, inputs):
 
 
 def timings(name, repeats, use_compile):
-    with reuse_packed_weights():  # for every timing: inference keeps its laid-out weights
-        return _timings(name, repeats, use_compile)
-
-
-def _timings(name, repeats, use_compile):
     model, inputs = build(name)
     x, t, context = inputs
     res = {"params": sum(p.numel() for p in model.parameters()), "batch": x.shape[0]}
@@ -192,11 +178,12 @@ def _timings(name, repeats, use_compile):
             loss = m(xi, t, context)["sample"].float().square().mean()
         loss.backward()  # outside autocast, as torch.amp prescribes
 
+    # every inference timing but `inference_unpacked_ms` (and torch.compile's, whose graphs
+    # lay weights out themselves) runs inside the block, as the pipeline's sampling loop does
     model.eval()
-    res["inference_ms"] = median_ms(infer, repeats)
-    PrepackedWeight.prepack_for_inference = False  # eager layers, NCHW throughout
-    res["inference_unpacked_ms"] = median_ms(infer, repeats)
-    PrepackedWeight.prepack_for_inference = True
+    with prepacked_for_cpu_inference(model):
+        res["inference_ms"] = median_ms(infer, repeats)
+    res["inference_unpacked_ms"] = median_ms(infer, repeats)  # eager layers, NCHW throughout
     model.train()
     res["train_ms"] = median_ms(train, repeats)
     model.unet.enable_gradient_checkpointing()
@@ -206,7 +193,8 @@ def _timings(name, repeats, use_compile):
     model.to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     model.eval()
-    res["inference_channels_last_ms"] = median_ms(lambda: infer(xi=x_cl), repeats)
+    with prepacked_for_cpu_inference(model):
+        res["inference_channels_last_ms"] = median_ms(lambda: infer(xi=x_cl), repeats)
     model.train()
     res["train_channels_last_ms"] = median_ms(lambda: train(xi=x_cl), repeats)
     model.to(memory_format=torch.contiguous_format)
@@ -214,7 +202,8 @@ def _timings(name, repeats, use_compile):
     # Where bf16 is emulated (bf16_native false) the UNet computes in fp32 under autocast
     # (UNet.fp32_when_cpu_autocast_is_slow), so these equal fp32 plus the casts.
     model.eval()
-    res["inference_bf16_ms"] = median_ms(lambda: infer(bf16=True), repeats)
+    with prepacked_for_cpu_inference(model):
+        res["inference_bf16_ms"] = median_ms(lambda: infer(bf16=True), repeats)
     model.train()
     res["train_bf16_ms"] = median_ms(lambda: train(bf16=True), repeats)
 
@@ -225,7 +214,8 @@ def _timings(name, repeats, use_compile):
         model.train()
         res["train_compile_ms"] = median_ms(lambda: train(m=compiled), repeats)
         # Inference with inductor's freezing: the weights become constants, laid out once for
-        # oneDNN by inductor (eager inference does the same through nets.cpu).
+        # oneDNN by inductor (eager inference does the same inside
+        # nets.prepacked_for_cpu_inference).
         # Last, since it changes the weights: the zero-initialised layers get small random
         # values, so that comparing with eager checks something (the untrained output is 0).
         model.eval()
