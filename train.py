@@ -23,6 +23,7 @@ from diffusion.run import StopFlag, TrainingRun, setup_distributed
 from diffusion.trainer import AdvancedDiffusionTrainer
 from nets import AdvancedUNet, keep_freed_memory
 from sampling import AdvancedDiffusionPipeline, make_grid
+from sampling.reference import evaluate_pipeline
 
 
 def parse_args(argv=None):
@@ -63,17 +64,22 @@ def setup(args):
     return config, dataset, trainer, run
 
 
-def save_samples(trainer, config, run, prompts):
+def save_samples(trainer, run, prompts):
     """A grid of the EMA model's images for fixed prompts and seeds 0..n-1."""
     with trainer.ema_weights():
-        pipeline = AdvancedDiffusionPipeline(config, trainer.model, trainer.text_encoder,
-                                             trainer.noise_scheduler, device=trainer.device)
-        images = pipeline.generate(prompts, list(range(len(prompts))),
-                                   num_inference_steps=config.num_inference_steps,
-                                   guidance_scale=config.guidance_scale)
+        images = AdvancedDiffusionPipeline.from_trainer(trainer).generate(
+            prompts, list(range(len(prompts))))
     path = run.dir / "samples" / f"step_{trainer.global_step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, prompts).save(path)
+
+
+def evaluate(trainer, dataset) -> dict:
+    """FD, KID and caption adherence of the EMA model's images against the training data."""
+    with trainer.ema_weights():
+        return evaluate_pipeline(AdvancedDiffusionPipeline.from_trainer(trainer), dataset,
+                                 num_images=trainer.config.eval_num_images,
+                                 seed=trainer.config.seed)
 
 
 def main(argv=None):
@@ -83,13 +89,6 @@ def main(argv=None):
         config, dataset, trainer, run = setup(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:  # one line, no traceback
         sys.exit("train.py: " + " ".join(str(err).split()))
-    world = trainer.world_size
-    images_per_step = config.batch_size * world * config.gradient_accumulation_steps
-    if run.is_main:
-        backend = f", backend {dist.get_backend()}" if dist.is_initialized() else ""
-        print(f"global batch {images_per_step} = batch_size {config.batch_size} x {world} "
-              f"processes x {config.gradient_accumulation_steps} accumulation steps\n"
-              f"training on {trainer.device}{backend}", file=sys.stderr)
     # A private generator keeps the DataLoader from drawing on the global RNG (dropout's).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=run.batches, collate_fn=collate,
                                          num_workers=config.num_workers,
@@ -108,11 +107,13 @@ def main(argv=None):
                 progress.update(loss=f"{metrics['loss']:.4f}",
                                 lr=f"{metrics['learning_rate']:.2e}")
                 if step % config.log_every == 0:
-                    run.log(metrics, images_per_step)
+                    run.log(metrics)
                 if step % config.save_every == 0:
                     run.save()
                 if step % config.sample_every == 0 and run.is_main:
-                    save_samples(trainer, config, run, prompts)
+                    save_samples(trainer, run, prompts)
+                if config.eval_every and step % config.eval_every == 0 and run.is_main:
+                    run.log_eval(evaluate(trainer, dataset))
             stop.sync(trainer.device)
             if step >= config.max_steps or stop.stopping(trainer):
                 break

@@ -236,6 +236,10 @@ class DiffusionConfig:
     log_every: int = _field(10, "Steps between metrics lines.", low=1)
     save_every: int = _field(500, "Steps between checkpoints.", low=1)
     sample_every: int = _field(500, "Steps between sample grids.", low=1)
+    eval_every: int = _field(
+        0, "Steps between evaluations of the EMA model against the training data (FD, KID, "
+           "caption adherence; sampling/reference.py), logged to metrics.jsonl; 0: never.", low=0)
+    eval_num_images: int = _field(256, "Images sampled per evaluation.", low=4)
     keep_last: int = _field(3, "Checkpoints kept on disk.", low=1)
     sample_prompts: tuple[str, ...] = _field(
         (), "Prompts of the sample grids; empty: every third shapes caption, or a folder "

@@ -134,6 +134,8 @@ class TrainingRun:
         if moved and is_main:
             print(moved, file=sys.stderr)
         self.metrics_file, self.writer = None, None
+        self.images_per_step = (config.batch_size * trainer.world_size
+                                * config.gradient_accumulation_steps)
         self._last_time, self._last_step = time.perf_counter(), trainer.global_step
 
     def _resume_state(self, resume: str | None) -> dict | None:
@@ -150,7 +152,7 @@ class TrainingRun:
 
     def open(self) -> None:
         """Create the folder and write config.yaml; open metrics.jsonl (without the lines past
-        the resumed step) and TensorBoard. Rank 0 only."""
+        the resumed step) and TensorBoard; say what the run is. Rank 0 only."""
         if not self.is_main:
             return
         try:
@@ -159,6 +161,11 @@ class TrainingRun:
             raise ValueError(f"cannot create output_dir={str(self.dir)!r}: "
                              f"{err.strerror or err}") from None
         self.config.to_yaml(self.dir / "config.yaml")
+        config, trainer = self.config, self.trainer
+        backend = f", backend {dist.get_backend()}" if dist.is_initialized() else ""
+        print(f"global batch {self.images_per_step} = batch_size {config.batch_size} x "
+              f"{trainer.world_size} processes x {config.gradient_accumulation_steps} "
+              f"accumulation steps\ntraining on {trainer.device}{backend}", file=sys.stderr)
         self.metrics_file = open_metrics(self.dir / "metrics.jsonl", self.trainer.global_step)
         self.writer = open_tensorboard(self.dir)
 
@@ -174,7 +181,7 @@ class TrainingRun:
     def epoch_done(self) -> None:
         self.epoch, self.batch = self.epoch + 1, 0
 
-    def log(self, metrics: dict, images_per_step: int) -> None:
+    def log(self, metrics: dict) -> None:
         """One metrics.jsonl line (and TensorBoard scalars) for the step just made."""
         if not self.is_main:
             return
@@ -182,13 +189,26 @@ class TrainingRun:
         its = (step - self._last_step) / (now - self._last_time)
         line = {"step": step, "loss": metrics["loss"], "lr": metrics["learning_rate"],
                 "grad_norm": metrics["grad_norm"], "it_s": its,
-                "images_s": its * images_per_step, "skipped_steps": metrics["skipped_steps"]}
+                "images_s": its * self.images_per_step, "skipped_steps": metrics["skipped_steps"]}
         self.metrics_file.write(json.dumps(line) + "\n")
         self.metrics_file.flush()
         if self.writer:
             for key in ("loss", "lr", "grad_norm", "it_s"):
                 self.writer.add_scalar(f"train/{key}", line[key], step)
         self._last_time, self._last_step = now, step
+
+    def log_eval(self, result: dict) -> None:
+        """One metrics.jsonl line {"step", "eval": {fd, kid, ...}} (and TensorBoard scalars
+        eval/<key>) for an evaluation at the current step."""
+        if not self.is_main:
+            return
+        step = self.trainer.global_step
+        self.metrics_file.write(json.dumps({"step": step, "eval": result}) + "\n")
+        self.metrics_file.flush()
+        if self.writer:
+            for key, value in result.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"eval/{key}", value, step)
 
     def save(self) -> None:
         """A checkpoint with the data position (rotated: the last keep_last are kept)."""

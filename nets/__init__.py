@@ -20,16 +20,9 @@ from .cpu import (
 )
 from .denoiser import TextConditionedDenoiser
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_as_batch
+from .levels import DownBlock, MidBlock, UpBlock
 from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock, trim_padding
-from .unet import (
-    AdvancedUNet,
-    DownBlock,
-    MidBlock,
-    UNet,
-    UpBlock,
-    attention_levels_for,
-    masked_mean,
-)
+from .unet import AdvancedUNet, UNet, attention_levels_for, masked_mean
 
 __all__ = [
     "ATTENTION_BACKENDS",

@@ -4,8 +4,9 @@
   nn.Conv2d / nn.Linear layers inside `modules` run CPU inference through oneDNN with their
   weights laid out once, and the outer modules run their convolutions in channels_last.
   The pipeline wraps its sampling loop in it. Same numbers as the plain layers to float
-  rounding (~1e-6 relative); ~15-20% of a sampling step on a 2-core AMD EPYC (AVX2),
-  see docs/benchmarks-cpu.md (`inference_ms` against `inference_unpacked_ms`).
+  rounding (~1e-6 relative); on a 2-core AMD EPYC (AVX2) a UNet call is 12-18% faster at the
+  guide's default configuration and ~5% at the small one (docs/benchmarks-cpu.md,
+  `inference_ms` against `inference_unpacked_ms`).
 - `keep_freed_memory()`: a malloc setting that stops glibc from handing big buffers back to
   the kernel between training steps.
 - `cpu_has_fast_low_precision(dtype)`: whether bf16 / fp16 run natively on this CPU.
@@ -94,12 +95,25 @@ def runs_prepacked(x: torch.Tensor) -> bool:
     no autograd (torch.no_grad / inference_mode), a plain fp32 CPU tensor, no CPU autocast,
     not being traced by torch.compile (inductor lays weights out itself), oneDNN enabled.
     Everything else runs the plain layers."""
+    return _fp32_cpu_inference(x) and not torch.is_autocast_enabled("cpu")
+
+
+def _fp32_cpu_inference(x: torch.Tensor) -> bool:
+    """runs_prepacked(x) but for the autocast condition."""
     return (not torch.is_grad_enabled()
             and type(x) in _PLAIN_TENSOR_TYPES and x.dtype == torch.float32
             and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.enabled and _onednn_built())
+
+
+def _runs_channels_last(x: torch.Tensor) -> bool:
+    """Whether an outer module runs on `x` in channels_last: where its layers take the oneDNN
+    path, also under CPU autocast to a dtype this CPU only emulates, where the UNet computes
+    in fp32 (UNet.fp32_when_cpu_autocast_is_slow) and so its layers do take it."""
+    return _fp32_cpu_inference(x) and (
+        not torch.is_autocast_enabled("cpu")
+        or not cpu_has_fast_low_precision(torch.get_autocast_dtype("cpu")))
 
 
 class _PrepackedLayer:
@@ -201,16 +215,17 @@ _PREPACKED_CLASSES = {nn.Conv2d: _PrepackedConv2d, nn.Linear: _PrepackedLinear}
 
 class _ChannelsLastInference:
     """Mixin of the class an outer module takes inside `prepacked_for_cpu_inference`: when the
-    first positional argument is a 4-D tensor that takes the oneDNN path, the module runs on
-    it in channels_last (oneDNN then reads and writes the activations without converting them
-    around every convolution) and 4-D tensors in its output (a tensor, or one level of a dict,
-    list or tuple) are returned in the argument's memory format."""
+    first positional argument is a 4-D tensor on which the layers take the oneDNN path
+    (_runs_channels_last), the module runs on it in channels_last (oneDNN then reads and
+    writes the activations without converting them around every convolution), and 4-D
+    tensors in its output (a tensor, or one level of a dict, list or tuple) are returned in
+    the argument's memory format."""
 
     _plain_class: type
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else None
-        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and runs_prepacked(x)):
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and _runs_channels_last(x)):
             return super().forward(*args, **kwargs)
         memory_format = memory_format_of(x)
         args = (x.contiguous(memory_format=torch.channels_last),) + args[1:]
@@ -274,7 +289,9 @@ def prepacked_for_cpu_inference(*modules: nn.Module):
     - When: each call checks `runs_prepacked(x)`: no autograd, a fp32 CPU input and fp32
       weights, no CPU autocast, not inside torch.compile, oneDNN enabled. Anything else
       (training, gradients, bf16, CUDA) runs the plain layer, so the block is safe to leave
-      open around code that also trains.
+      open around code that also trains. The outer modules switch to channels_last under
+      the same conditions, and under CPU autocast to a dtype this CPU only emulates too, where
+      the UNet computes in fp32 (UNet.fp32_when_cpu_autocast_is_slow) with the fast layers.
     - Outputs: the same numbers as the plain layers to float rounding; a module's 4-D outputs
       come back in its input's memory format.
     - Weights that change: a layer lays its weight out again whenever the weight changed

@@ -12,6 +12,20 @@ Prints a table (measured next to chance) and one JSON line. Two controls make su
 checker cannot be satisfied by anything: `--untrained` samples a freshly initialised model of
 the same configuration, and `--shuffle-prompts` scores the images against a permutation of
 the prompts they were drawn for; both should sit near chance.
+
+Any image folder (sampling/reference.py: Frechet distance, KID and caption adherence in the
+feature space of a small net trained on the real images, each beside its floor):
+
+    python -m sampling.evaluate --real-dir REAL --fake-dir FAKE [--image-size S] [--seed N]
+        [--cache-dir DIR] [--shuffle-prompts]
+    python -m sampling.evaluate --checkpoint C --data-dir REAL [--num-images 1000] [--seed N]
+        [--cache-dir DIR] [--steps N] [--guidance-scale G] [--sampler S] [--untrained] ...
+
+The first compares two folders (FAKE's captions, from its metadata.jsonl as sample.py writes
+it, are the prompts); the second samples --num-images images with prompts drawn as often as
+the real captions are, image i from seed --seed + i. Both print a table and one JSON line
+("fd", "kid", "kid_std", "adherence", "chance", "fd_floor", "kid_floor", "real_adherence",
+...; adherence and chance are null unless the real captions are class-like).
 """
 
 import argparse
@@ -22,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion import SHAPES, all_captions
+from diffusion import SHAPES, ImageFolderDataset, all_captions
 from nets import keep_freed_memory
 
 from .cli import (
@@ -35,11 +49,14 @@ from .cli import (
 )
 from .images import make_grid
 from .pipeline import AdvancedDiffusionPipeline
+from .reference import compare_folders, evaluate_pipeline
 from .shapes_checker import shapes_adherence
 
 PROG = "evaluate"  # errors end the script as one line: "evaluate: message"
 
 SHUFFLE_SEED = 12345
+DEFAULT_SEEDS = 10  # shapes mode: images per caption
+DEFAULT_NUM_IMAGES = 1000  # --checkpoint with --data-dir: images sampled
 
 
 @torch.no_grad()
@@ -72,9 +89,9 @@ def format_table(result: dict) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--seeds", type=positive_int, default=10,
-                        help="images per caption (default: 10)")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--seeds", type=positive_int, default=None,
+                        help=f"images per caption (default: {DEFAULT_SEEDS})")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"num_inference_steps ({FROM_CONFIG})")
     parser.add_argument("--guidance-scale", type=float, default=None, help=FROM_CONFIG)
@@ -90,6 +107,21 @@ def parse_args(argv=None):
     parser.add_argument("--grid", help="also save the images as a grid, a .png file")
     parser.add_argument("--grid-seeds", type=positive_int, default=None,
                         help="put only seeds 0..N-1 of each caption in the grid (default: all)")
+    folders = parser.add_argument_group("any image folder (FD, KID, caption adherence)")
+    folders.add_argument("--real-dir", help="the real images, compared with --fake-dir")
+    folders.add_argument("--fake-dir", help="the images to score (captions: the prompts)")
+    folders.add_argument("--data-dir", help="the real images, compared with --checkpoint's "
+                         "samples")
+    folders.add_argument("--num-images", type=positive_int, default=None,
+                         help=f"images sampled with --data-dir (default: {DEFAULT_NUM_IMAGES})")
+    folders.add_argument("--image-size", type=positive_int, default=None,
+                         help="--real-dir: side the images are read at (default: the first "
+                         "real image's shorter side, at most 64)")
+    folders.add_argument("--seed", type=int, default=None,
+                         help="feature net, data split, prompts and image seeds (default: 0)")
+    folders.add_argument("--cache-dir", default=None,
+                         help="feature net cache (default: $XDG_CACHE_HOME/advanced-diffusion/"
+                         "features, else ~/.cache/...)")
     return parser.parse_args(argv)
 
 
@@ -102,9 +134,109 @@ def check_grid(grid: str | None) -> None:
     check_output_path(grid, "--grid")
 
 
+# flags of one mode only: (flag, attribute), each refused in the modes it does not belong to
+SHAPES_ONLY = (("--seeds", "seeds"), ("--grid", "grid"), ("--grid-seeds", "grid_seeds"))
+FOLDERS_ONLY = (("--num-images", "num_images"), ("--image-size", "image_size"),
+                ("--seed", "seed"), ("--cache-dir", "cache_dir"))
+SAMPLING_ONLY = (("--steps", "steps"), ("--guidance-scale", "guidance_scale"),
+                 ("--sampler", "sampler"), ("--no-ema", "no_ema"), ("--untrained", "untrained"))
+
+
+def evaluation_mode(args) -> str:
+    """"shapes", "folders" (--real-dir, --fake-dir) or "checkpoint" (--checkpoint, --data-dir)
+    from the flags given; ValueError naming the flag for a combination that means nothing."""
+    def given(pairs):
+        return [flag for flag, name in pairs
+                if getattr(args, name) is not None and getattr(args, name) is not False]
+
+    if args.fake_dir and not args.real_dir:
+        raise ValueError("--fake-dir needs --real-dir (the real images to compare with)")
+    if args.real_dir:
+        if not args.fake_dir:
+            raise ValueError("--real-dir needs --fake-dir (the images to score); to sample "
+                             "from a checkpoint use --checkpoint C --data-dir REAL")
+        if args.checkpoint or args.data_dir:
+            raise ValueError("--real-dir and --fake-dir compare two folders and take no "
+                             "--checkpoint or --data-dir; to sample from a checkpoint use "
+                             "--checkpoint C --data-dir REAL")
+        mode, refused = "folders", SHAPES_ONLY + SAMPLING_ONLY + FOLDERS_ONLY[:1]
+    elif args.data_dir:
+        if not args.checkpoint:
+            raise ValueError("--data-dir needs --checkpoint (the model to sample from); to "
+                             "compare two folders use --real-dir and --fake-dir")
+        mode, refused = "checkpoint", SHAPES_ONLY + FOLDERS_ONLY[1:2]
+    elif args.checkpoint:
+        mode, refused = "shapes", FOLDERS_ONLY
+    else:
+        raise ValueError("give --checkpoint C (shapes adherence; with --data-dir REAL: FD, KID "
+                         "and adherence against REAL) or --real-dir REAL --fake-dir FAKE")
+    for flag in given(refused):
+        raise ValueError(f"{flag} does not apply here ({mode} evaluation); see --help")
+    for flag, folder in (("--real-dir", args.real_dir), ("--fake-dir", args.fake_dir),
+                         ("--data-dir", args.data_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder!r} is not a folder")
+    return mode
+
+
+def format_metrics_table(result: dict) -> str:
+    """The folder evaluation's table: each metric beside its floor, adherence beside chance."""
+    lines = [f"{'metric':<12}{'measured':>12}{'floor':>12}"]
+    lines += [f"{name:<12}{result[name]:>12.4g}{result[floor]:>12.4g}"
+              for name, floor in (("fd", "fd_floor"), ("kid", "kid_floor"),
+                                  ("kid_std", "kid_floor_std"))]
+    if result["adherence"] is None:
+        lines.append(f"{'adherence':<12}{'n/a':>12}  (the captions are not class-like, or the "
+                     "images have no prompts)")
+    else:
+        lines.append(f"{'adherence':<12}{result['adherence']:>12.3f}  (chance "
+                     f"{result['chance']:.3f}, real held-out images "
+                     f"{result['real_adherence']:.3f})")
+    if result["num_fake"] > result["num_real_floor"]:
+        lines.append(f"(floors from {result['num_real_floor']} real images against "
+                     f"{result['num_fake']} scored ones: FD's sample-size bias makes them "
+                     "higher than matched floors)")
+    return "\n".join(lines)
+
+
+def folder_main(args, mode: str) -> int:
+    """--real-dir / --fake-dir, or --checkpoint with --data-dir: table and JSON line."""
+    seed = args.seed or 0
+    with exit_on_error(PROG):  # bad folders, checkpoints, settings: one line
+        if mode == "folders":
+            result = compare_folders(args.real_dir, args.fake_dir, image_size=args.image_size,
+                                     seed=seed, cache_dir=args.cache_dir,
+                                     shuffle_prompts=args.shuffle_prompts)
+            summary = {"real_dir": args.real_dir, "fake_dir": args.fake_dir}
+        else:
+            pipeline = AdvancedDiffusionPipeline.from_checkpoint(
+                args.checkpoint, use_ema=not args.no_ema, device=args.device)
+            config = pipeline.config
+            if args.untrained:
+                torch.manual_seed(config.seed)
+                pipeline = AdvancedDiffusionPipeline(config, device=args.device)
+            settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
+            real = ImageFolderDataset(args.data_dir, config.sample_size,
+                                      in_channels=config.in_channels)
+            result = evaluate_pipeline(pipeline, real, num_images=args.num_images or
+                                       DEFAULT_NUM_IMAGES, seed=seed, cache_dir=args.cache_dir,
+                                       batch_size=args.batch_size,
+                                       shuffle_prompts=args.shuffle_prompts, **settings)
+            summary = {"checkpoint": str(args.checkpoint), "data_dir": args.data_dir,
+                       "untrained": args.untrained, "ema": not args.no_ema, **settings}
+    print(format_metrics_table(result))
+    print(json.dumps({**result, **summary, "seed": seed}))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()
+    with exit_on_error(PROG):
+        mode = evaluation_mode(args)
+    if mode != "shapes":
+        return folder_main(args, mode)
+    args.seeds = args.seeds or DEFAULT_SEEDS
     with exit_on_error(PROG):  # ValueError, CheckpointError included
         check_grid(args.grid)
         pipeline = AdvancedDiffusionPipeline.from_checkpoint(

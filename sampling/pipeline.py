@@ -171,6 +171,13 @@ class AdvancedDiffusionPipeline:
             self.enable_xformers_memory_efficient_attention()
 
     @classmethod
+    def from_trainer(cls, trainer) -> "AdvancedDiffusionPipeline":
+        """A pipeline over an AdvancedDiffusionTrainer's modules, on its device, with the weights
+        they hold when it is called (inside `trainer.ema_weights()`: the EMA's)."""
+        return cls(trainer.config, trainer.model, trainer.text_encoder, trainer.noise_scheduler,
+                   device=trainer.device)
+
+    @classmethod
     def from_checkpoint(cls, path: str | Path, use_ema: bool = True, device=None):
         """Load a train.py checkpoint (weights_only); with use_ema, the EMA weights.
         device: 'cpu', 'cuda' or 'cuda:N' (ValueError when this machine lacks it)."""

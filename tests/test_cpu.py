@@ -11,6 +11,7 @@ import pickle
 import platform
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from helpers import randomize, tiny_config
 from torch import nn
 
 from diffusion import DiffusionConfig
-from nets import AdvancedUNet, TextEncoder, prepacked_for_cpu_inference
+from nets import AdvancedUNet, TextEncoder, cpu_has_fast_low_precision, prepacked_for_cpu_inference
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -347,8 +348,8 @@ def test_unet_inference_same_with_and_without_prepacking():
 
 
 def test_unet_is_unchanged_where_the_fast_path_does_not_apply():
-    """Autograd, autocast, float64 and a disabled oneDNN give the plain model's exact output
-    (same kernels), with nothing laid out and the activations in the input's format."""
+    """Autograd, float64 and a disabled oneDNN give the plain model's exact output (same
+    kernels), with nothing laid out and the activations in the input's format."""
     model, x, context = small_unet(8, 16)
     formats = conv_out_formats(model)
 
@@ -361,15 +362,37 @@ def test_unet_is_unchanged_where_the_fast_path_does_not_apply():
 
     both(grad=True)
     with torch.no_grad():
-        model.unet.fp32_when_cpu_autocast_is_slow = False  # really compute in bf16
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            both(autocast=True)
         with onednn_disabled():
             both(mkldnn=False)
         model.double()
         x, context = x.double(), context.double()
         both(dtype=torch.float64)
     assert set(formats) == {"contiguous"}
+
+
+@pytest.mark.parametrize("compute_in_fp32", [True, False])
+def test_unet_under_cpu_autocast(compute_in_fp32):
+    """Under bf16 autocast the layers are the plain ones, except where the UNet computes in
+    fp32 because this CPU only emulates bf16 (UNet.fp32_when_cpu_autocast_is_slow): then it
+    runs as fp32 inference does in the block, laid out and channels_last inside. Where bf16 is
+    native the block changes nothing."""
+    model, x, context = small_unet(8, 16)
+    model.unet.fp32_when_cpu_autocast_is_slow = compute_in_fp32
+    formats = conv_out_formats(model)
+    emulated = not cpu_has_fast_low_precision(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the UNet's warning about the fp32 fallback
+        expected = model(x, 10, context)["sample"]
+        with prepacked_for_cpu_inference(model):
+            out = model(x, 10, context)["sample"]
+            fp32 = emulated and compute_in_fp32
+            assert all(packed(m) == fp32 for m in layers_of(model))
+    assert out.is_contiguous() and out.dtype == expected.dtype
+    assert formats == ["contiguous", "channels_last" if emulated else "contiguous"]
+    if not emulated:
+        assert torch.equal(out, expected)
+    else:  # fp32, or bf16 kernels on channels_last activations, which round differently
+        assert rel_err(out.float(), expected.float()) < (1e-5 if fp32 else 2e-2)
 
 
 def test_only_modules_with_convolutions_change_their_memory_format():

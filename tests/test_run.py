@@ -55,13 +55,23 @@ def test_open_writes_the_config_and_log_writes_one_line_per_step(tmp_path):
     assert (run.dir / "config.yaml").exists()
     for i in range(2):
         metrics = run.trainer.train_step(batch(i))
-        run.log(metrics, images_per_step=2)
+        run.log(metrics)
     run.close()
     lines = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     assert lines[1]["loss"] == pytest.approx(metrics["loss"])
     assert lines[1]["lr"] == metrics["learning_rate"]
-    assert lines[1]["images_s"] == pytest.approx(2 * lines[1]["it_s"])
+    assert lines[1]["images_s"] == pytest.approx(4 * lines[1]["it_s"])  # batch_size 4
+
+
+def test_log_eval_writes_the_evaluation_under_its_step(tmp_path):
+    run = make_run(tmp_path, use_ema=False)
+    run.open()
+    run.trainer.train_step(batch())
+    run.log_eval({"fd": 1.5, "kid": 0.01, "adherence": None})
+    run.close()
+    line = json.loads((run.dir / "metrics.jsonl").read_text())
+    assert line == {"step": 1, "eval": {"fd": 1.5, "kid": 0.01, "adherence": None}}
 
 
 def test_save_then_resume_auto_restores_step_and_data_position(tmp_path):

@@ -381,3 +381,25 @@ def test_log_redirected_to_a_file_has_plain_lines(tmp_path):
     progress = [line.split()[1] for line in text.splitlines() if line.startswith("train ")]
     assert progress == ["0/6", "2/6", "4/6", "6/6", "6/6"], text
     assert "loss=" in text.splitlines()[-1]
+
+
+def test_eval_every_logs_fd_kid_and_adherence_to_the_metrics(tmp_path):
+    """eval_every: the EMA model is evaluated against the training folder during the run."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(24):
+        colour = (255, 0, 0) if i % 2 else (0, 0, 255)
+        Image.new("RGB", (16, 16), colour).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text("red" if i % 2 else "blue")
+    config = write_config(tmp_path, max_steps=4, eval_every=2, eval_num_images=4,
+                          dataset="folder", data_dir=str(data), save_every=100)
+    train("--config", config)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines()]
+    evals = [line for line in lines if "eval" in line]
+    assert [line["step"] for line in evals] == [2, 4]
+    for line in evals:
+        result = line["eval"]
+        assert {"fd", "kid", "kid_std", "adherence", "chance", "fd_floor"} <= result.keys()
+        assert result["fd"] >= 0 and 0 <= result["adherence"] <= 1
+        assert result["chance"] in (0.5, 0.75, 1.0)  # the top share of 4 prompts of 2 captions
