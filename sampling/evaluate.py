@@ -4,14 +4,16 @@ shape.
 
     python -m sampling.evaluate --checkpoint runs/shapes/last.pt [--seeds 10] [--steps N]
         [--guidance-scale G] [--sampler S] [--shuffle-prompts] [--untrained] [--grid out.png]
-        [--grid-seeds N] [--device cuda|cpu]
+        [--grid-seeds N] [--device cuda|cpu] [--cache-dir DIR]
 
 --steps, --guidance-scale and --sampler default to the checkpoint config's values.
 
 Prints a table (measured next to chance) and one JSON line. Two controls make sure the
 checker cannot be satisfied by anything: `--untrained` samples a freshly initialised model of
 the same configuration, and `--shuffle-prompts` scores the images against a permutation of
-the prompts they were drawn for; both should sit near chance.
+the prompts they were drawn for; both should sit near chance. Beside the checker it prints the
+Frechet distance and KID of the same images against the ShapesDataset (with floors) and the
+feature net's own caption adherence (`net_adherence`), as for any folder below.
 
 Any image folder (sampling/reference.py: Frechet distance, KID and caption adherence in the
 feature space of a small net trained on the real images, each beside its floor):
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion import SHAPES, ImageFolderDataset, all_captions
+from diffusion import SHAPES, ImageFolderDataset, ShapesDataset, all_captions
 from nets import keep_freed_memory
 
 from .cli import (
@@ -49,7 +51,7 @@ from .cli import (
 )
 from .images import make_grid
 from .pipeline import AdvancedDiffusionPipeline
-from .reference import compare_folders, evaluate_pipeline
+from .reference import compare_folders, evaluate_pipeline, real_reference
 from .shapes_checker import shapes_adherence
 
 PROG = "evaluate"  # errors end the script as one line: "evaluate: message"
@@ -125,6 +127,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+# what the shapes mode adds from the feature net beside the checker's adherence
+SHAPES_DISTANCE_KEYS = ("fd", "fd_floor", "kid", "kid_std", "kid_floor", "real_adherence")
+
+
+def shapes_distances(config, images: torch.Tensor, prompts: list[str], cache_dir) -> dict:
+    """FD, KID (with floors) and the feature net's caption adherence of shapes samples (images
+    in [0, 1]) against the ShapesDataset the config trains on (sampling/reference.py)."""
+    real = ShapesDataset(sample_size=config.sample_size, seed=config.seed)
+    return real_reference(real, cache_dir=cache_dir).score(images * 2 - 1, prompts)
+
+
 def check_grid(grid: str | None) -> None:
     """--grid, before anything is sampled: a .png file that can be written."""
     if grid is None:
@@ -137,7 +150,7 @@ def check_grid(grid: str | None) -> None:
 # flags of one mode only: (flag, attribute), each refused in the modes it does not belong to
 SHAPES_ONLY = (("--seeds", "seeds"), ("--grid", "grid"), ("--grid-seeds", "grid_seeds"))
 FOLDERS_ONLY = (("--num-images", "num_images"), ("--image-size", "image_size"),
-                ("--seed", "seed"), ("--cache-dir", "cache_dir"))
+                ("--seed", "seed"))
 SAMPLING_ONLY = (("--steps", "steps"), ("--guidance-scale", "guidance_scale"),
                  ("--sampler", "sampler"), ("--no-ema", "no_ema"), ("--untrained", "untrained"))
 
@@ -263,11 +276,16 @@ def main(argv=None):
     scored = shuffled(prompts) if args.shuffle_prompts else prompts
     result = shapes_adherence(images * 2 - 1, scored)  # the checker reads [-1, 1]
     print(format_table(result))
+    with exit_on_error(PROG, OSError, "cannot use --cache-dir"):
+        distances = shapes_distances(config, images, scored, args.cache_dir)
+    print(format_metrics_table(distances))
     summary = {"checkpoint": str(args.checkpoint), "images": len(prompts),
                "seeds_per_caption": args.seeds, "shuffle_prompts": args.shuffle_prompts,
                "untrained": args.untrained, "ema": not args.no_ema, **settings,
                "sampling_seconds": round(seconds, 1),
-               **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
+               **{k: v for k, v in result.items() if isinstance(v, (int, float))},
+               **{k: distances[k] for k in SHAPES_DISTANCE_KEYS},
+               "net_adherence": distances["adherence"]}
     print(json.dumps(summary))
     if args.grid:
         keep = min(args.grid_seeds or args.seeds, args.seeds)  # the grid shows scored images

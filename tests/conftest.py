@@ -18,3 +18,11 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 def _fixed_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_feature_cache(tmp_path_factory):
+    """Feature nets trained by evaluations (sampling/features.py) go to a folder of this test
+    run (the scripts run as subprocesses inherit it), not the user's cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
