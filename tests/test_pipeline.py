@@ -1166,6 +1166,9 @@ def test_evaluate_grid_shows_the_first_seeds_of_each_caption(fresh_checkpoint, t
     monkeypatch.setattr(evaluate_script, "shapes_adherence", lambda x, p: {
         k: 0.0 for k in ("colour", "shape", "both", "chance_colour", "chance_shape",
                          "chance_both")})
+    monkeypatch.setattr(evaluate_script, "shapes_distances", lambda *a: {  # 1-pixel images
+        k: 0.0 for k in ("fd", "fd_floor", "kid", "kid_std", "kid_floor", "kid_floor_std",
+                         "adherence", "chance", "real_adherence", "num_fake", "num_real_floor")})
     grids = []
 
     class Grid:
