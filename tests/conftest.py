@@ -26,3 +26,13 @@ def _private_feature_cache(tmp_path_factory):
     run (the scripts run as subprocesses inherit it), not the user's cache."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models (as fast, and no thread-pool stalls on a
+    busy machine); the setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,17 +26,9 @@ from diffusion import DiffusionConfig
 from nets import AdvancedUNet, TextEncoder, cpu_has_fast_low_precision, prepacked_for_cpu_inference
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                                reason="the prepacked path needs oneDNN (mkldnn)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny layers gain nothing from a second thread; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                 reason="the prepacked path needs oneDNN (mkldnn)"),
+              pytest.mark.usefixtures("one_thread")]  # tiny layers gain nothing from 2 threads
 
 
 def reference(layer, x):

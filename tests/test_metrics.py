@@ -36,14 +36,7 @@ from sampling.metrics import (
     sqrtm_psd,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: as fast for tiny nets, and no thread-pool stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: no thread-pool stalls
 
 
 def gaussian(n, mean, covariance, seed):
