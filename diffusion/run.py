@@ -182,7 +182,7 @@ class TrainingRun:
         self.epoch, self.batch = self.epoch + 1, 0
 
     def log(self, metrics: dict) -> None:
-        """One metrics.jsonl line (and TensorBoard scalars) for the step just made."""
+        """One metrics.jsonl line (and TensorBoard scalars train/<key>) for the step just made."""
         if not self.is_main:
             return
         step, now = self.trainer.global_step, time.perf_counter()
@@ -190,25 +190,24 @@ class TrainingRun:
         line = {"step": step, "loss": metrics["loss"], "lr": metrics["learning_rate"],
                 "grad_norm": metrics["grad_norm"], "it_s": its,
                 "images_s": its * self.images_per_step, "skipped_steps": metrics["skipped_steps"]}
-        self.metrics_file.write(json.dumps(line) + "\n")
-        self.metrics_file.flush()
-        if self.writer:
-            for key in ("loss", "lr", "grad_norm", "it_s"):
-                self.writer.add_scalar(f"train/{key}", line[key], step)
+        self._write(line, "train", {key: line[key] for key in ("loss", "lr", "grad_norm", "it_s")})
         self._last_time, self._last_step = now, step
 
     def log_eval(self, result: dict) -> None:
         """One metrics.jsonl line {"step", "eval": {fd, kid, ...}} (and TensorBoard scalars
         eval/<key>) for an evaluation at the current step."""
-        if not self.is_main:
-            return
-        step = self.trainer.global_step
-        self.metrics_file.write(json.dumps({"step": step, "eval": result}) + "\n")
+        if self.is_main:
+            scalars = {key: value for key, value in result.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            self._write({"step": self.trainer.global_step, "eval": result}, "eval", scalars)
+
+    def _write(self, line: dict, group: str, scalars: dict) -> None:
+        """Append `line` to metrics.jsonl (flushed) and `scalars` to TensorBoard as group/key."""
+        self.metrics_file.write(json.dumps(line) + "\n")
         self.metrics_file.flush()
         if self.writer:
-            for key, value in result.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"eval/{key}", value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{group}/{key}", value, line["step"])
 
     def save(self) -> None:
         """A checkpoint with the data position (rotated: the last keep_last are kept)."""
