@@ -182,6 +182,10 @@ class DiffusionConfig:
     pooled_text_conditioning: bool = _field(
         False, "Also add the prompt's mean text state, projected, to the timestep embedding "
         "so every ResBlock sees the prompt (Imagen's pooled embedding).")
+    text_pooling: str = _field(
+        "mean", "How pooled_text_conditioning pools the prompt's text states: their masked mean, "
+        "or attention from a learned query (AttentionPool), which can weight the words that "
+        "tell prompts apart.", choices=("mean", "attention"))
     text_encoder_layers: int = _field(2, "Transformer layers of the text encoder.", low=0)
     text_encoder_width: int = _field(256, "Width of the text encoder.", low=1)
     max_text_length: int = _field(77, "Tokens per prompt, BOS and EOS included.", low=2)
@@ -289,6 +293,10 @@ class DiffusionConfig:
         if self.pooled_text_conditioning and not self.use_spatial_transformer:
             raise ValueError("pooled_text_conditioning=True needs use_spatial_transformer=True "
                              "(a model without text input has no prompt to pool)")
+        if self.pooled_text_conditioning and self.text_pooling == "attention" and \
+                self.context_dim % self.num_heads:
+            raise ValueError(f"text_pooling='attention' pools with num_heads={self.num_heads} "
+                             f"heads, which must divide context_dim={self.context_dim}")
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError(f"dataset='folder' needs data_dir (the image folder); got "
                              f"{self.data_dir!r}")

@@ -304,3 +304,28 @@ class AttentionBlock(nn.Module):
         hidden = rearrange(self.norm(x), "b c h w -> b (h w) c")
         hidden = self.attn(hidden)  # (B, HW, C)
         return x + rearrange(hidden, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class AttentionPool(nn.Module):
+    """Pool a prompt's text states into one vector by attention from a learned query (the
+    attention pooling of CLIP's image encoder, Radford et al. 2021, applied to text).
+
+    A masked mean gives every token the weight 1/M, so prompts that differ in one word or one
+    character give nearly the same mean; the query's softmax weights are learned and can put
+    most of the weight on the tokens that tell prompts apart. `heads` queries of width
+    dim // heads attend independently (one may read the colour word, another the shape).
+
+    context: (B, M, dim), key_padding_mask: (B, M) bool, True = real (None: all real)
+      -> (B, dim).
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"AttentionPool heads={heads} must divide dim={dim}")
+        self.query = nn.Parameter(torch.randn(1, 1, dim))  # N(0, 1): logits O(1) at init
+        self.attn = CrossAttention(dim, dim, heads, dim // heads)
+
+    def forward(self, context, key_padding_mask=None):
+        query = self.query.to(context.dtype).expand(context.shape[0], 1, -1)
+        return self.attn(query, context, key_padding_mask=key_padding_mask)[:, 0]

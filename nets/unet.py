@@ -25,6 +25,7 @@ from torch import nn
 
 from .attention import (
     AttentionBlock,
+    AttentionPool,
     CrossAttention,
     SpatialTransformer,
     check_backend,
@@ -36,6 +37,7 @@ from .cpu import cpu_has_fast_low_precision
 from .embeddings import TimestepEmbedding, timesteps_as_batch
 from .levels import DownBlock, MidBlock, UpBlock
 
+TEXT_POOLINGS = ("mean", "attention")  # how pooled_text_conditioning pools the prompt
 TIME_EMBED_MULT = 4  # timestep-embedding width / model_channels (guided-diffusion)
 # input dtypes autocast converts to its compute dtype (float64 it leaves alone)
 AUTOCAST_INPUT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
@@ -81,7 +83,7 @@ class UNet(nn.Module):
                  channel_mult=(1, 2, 4, 8), num_heads: int = 8,
                  use_spatial_transformer: bool = True, transformer_depth: int = 1,
                  context_dim: int | None = 768, use_scale_shift_norm: bool = True,
-                 pooled_text: bool = False):
+                 pooled_text: bool = False, text_pooling: str = "mean"):
         super().__init__()
         num_levels = len(channel_mult)
         widths = [model_channels * m for m in channel_mult]
@@ -96,6 +98,8 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_levels = num_levels
         self.attention_levels = tuple(sorted(set(attention_levels)))
+        if text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text_pooling={text_pooling!r} must be one of {TEXT_POOLINGS}")
         if pooled_text and not use_spatial_transformer:
             raise ValueError("pooled_text=True needs use_spatial_transformer=True (a model "
                              "without text input has no prompt to pool)")
@@ -112,10 +116,13 @@ class UNet(nn.Module):
             return AttentionBlock(channels, num_heads)
 
         self.time_embedding = TimestepEmbedding(model_channels, emb_dim)
-        # Optional: the prompt's mean text state, projected, is added to the timestep
+        # Optional: the prompt's pooled text state, projected, is added to the timestep
         # embedding (Imagen's pooled text embedding, Saharia et al. 2022), so every ResBlock
-        # is conditioned on the prompt, not only the attention levels.
+        # is conditioned on the prompt, not only the attention levels. Pooled by the masked
+        # mean or by attention from a learned query (AttentionPool, num_heads heads).
         self.text_pool_proj = nn.Linear(context_dim, emb_dim) if pooled_text else None
+        self.text_pool = AttentionPool(context_dim, num_heads) if (
+            pooled_text and text_pooling == "attention") else None
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         skip_widths = [model_channels]
@@ -167,7 +174,7 @@ class UNet(nn.Module):
             use_spatial_transformer=config.use_spatial_transformer,
             transformer_depth=config.transformer_depth, context_dim=config.context_dim,
             use_scale_shift_norm=config.use_scale_shift_norm,
-            pooled_text=config.pooled_text_conditioning)
+            pooled_text=config.pooled_text_conditioning, text_pooling=config.text_pooling)
 
     @property
     def downsampling_factor(self) -> int:
@@ -177,6 +184,13 @@ class UNet(nn.Module):
     @property
     def has_cross_attention(self) -> bool:
         return self.context_dim is not None
+
+    def pooled_text(self, context, key_padding_mask=None):
+        """The prompt's pooled text state (B, context_dim) that text_pool_proj reads: the
+        masked mean of context (B, M, context_dim), or AttentionPool's output."""
+        if self.text_pool is not None:
+            return self.text_pool(context, key_padding_mask)
+        return masked_mean(context, key_padding_mask)
 
     # ---- toggles ----
     def _level_blocks(self):
@@ -332,7 +346,7 @@ class UNet(nn.Module):
         timesteps = timesteps_as_batch(timestep, sample.shape[0], sample.device)
         emb = self.time_embedding(timesteps)  # (B, 4 * model_channels)
         if self.text_pool_proj is not None:
-            emb = emb + self.text_pool_proj(masked_mean(context, key_padding_mask))
+            emb = emb + self.text_pool_proj(self.pooled_text(context, key_padding_mask))
 
         h = self.conv_in(sample)  # (B, model_channels, H, W)
         skips = [h]
@@ -399,6 +413,8 @@ class AdvancedUNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, AttentionPool):
+                nn.init.normal_(module.query)
             elif any(True for _ in module.parameters(recurse=False)):
                 raise TypeError(f"_init_weights does not know how to initialise "
                                 f"{type(module).__name__}; add a rule for it here")

@@ -86,6 +86,12 @@ def format_table(result: dict) -> str:
     lines = [f"{'adherence':<10}{'measured':>10}{'chance':>10}"]
     lines += [f"{name:<10}{result[key]:>10.3f}{result[chance]:>10.3f}"
               for name, key, chance in rows]
+    confusion = result["shape_confusion"]
+    read_as = list(next(iter(confusion.values())))
+    lines += ["", "shape prompted (rows) and read (columns):",
+              f"{'':<10}" + "".join(f"{name:>10}" for name in read_as)]
+    lines += [f"{shape:<10}" + "".join(f"{counts[name]:>10}" for name in read_as)
+              for shape, counts in confusion.items()]
     return "\n".join(lines)
 
 
@@ -285,7 +291,8 @@ def main(argv=None):
                "sampling_seconds": round(seconds, 1),
                **{k: v for k, v in result.items() if isinstance(v, (int, float))},
                **{k: distances[k] for k in SHAPES_DISTANCE_KEYS},
-               "net_adherence": distances["adherence"]}
+               "net_adherence": distances["adherence"],
+               "shape_confusion": result["shape_confusion"]}
     print(json.dumps(summary))
     if args.grid:
         keep = min(args.grid_seeds or args.seeds, args.seeds)  # the grid shows scored images

@@ -133,8 +133,9 @@ def shapes_adherence(images, prompts: Sequence[str]) -> dict:
     images: (B, 3, H, W) tensor in [-1, 1] or a list of B PIL images (or (3, H, W) tensors);
     prompts: B shapes captions. An image the checker cannot read (None) counts as wrong.
     Returns counts `n`, `colour_correct`, `shape_correct`, `both_correct`, `unreadable` (colour
-    or shape None), accuracies `colour`, `shape`, `both`, and `chance_colour` (1/6),
-    `chance_shape` (1/4), `chance_both` (1/24): what guessing uniformly scores.
+    or shape None), accuracies `colour`, `shape`, `both`, `chance_colour` (1/6),
+    `chance_shape` (1/4), `chance_both` (1/24): what guessing uniformly scores, and
+    `shape_confusion`: {prompted shape: {shape read (or "none"): count}}.
     """
     if isinstance(images, torch.Tensor) and images.dim() != 4:
         raise ValueError(f"images must be (B, 3, H, W); got shape {tuple(images.shape)}")
@@ -147,8 +148,10 @@ def shapes_adherence(images, prompts: Sequence[str]) -> dict:
         raise ValueError("images and prompts are empty; need at least one pair")
     targets = [parse_caption(p) for p in prompts]
     colour_ok = shape_ok = both_ok = unreadable = 0
+    confusion = {shape: dict.fromkeys((*SHAPES, "none"), 0) for shape in SHAPES}
     for image, (colour, shape) in zip(images, targets):
         got_colour, got_shape = classify_shape_image(image)
+        confusion[shape][got_shape or "none"] += 1
         colour_ok += got_colour == colour
         shape_ok += got_shape == shape
         both_ok += got_colour == colour and got_shape == shape
@@ -166,4 +169,5 @@ def shapes_adherence(images, prompts: Sequence[str]) -> dict:
         "chance_colour": 1 / len(SHAPE_COLOURS),
         "chance_shape": 1 / len(SHAPES),
         "chance_both": 1 / (len(SHAPE_COLOURS) * len(SHAPES)),
+        "shape_confusion": confusion,
     }

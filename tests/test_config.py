@@ -229,6 +229,10 @@ def test_zero_terminal_snr_rejects_epsilon_prediction():
     (dict(dataset="folder", data_dir=""), r"dataset='folder' needs data_dir"),
     (dict(pooled_text_conditioning=True, use_spatial_transformer=False),
      r"pooled_text_conditioning=True needs use_spatial_transformer=True"),
+    (dict(pooled_text_conditioning=True, text_pooling="attention", context_dim=30,
+          num_heads=4), r"text_pooling='attention' pools with num_heads=4 heads, which must "
+                        r"divide context_dim=30"),
+    (dict(text_pooling="max"), r"text_pooling"),
     (dict(channel_mult=()), r"channel_mult=\(\) must have at least one level"),
     (dict(attention_resolutions=(8, 0)), r"attention_resolutions=\(8, 0\) must hold positive"),
 ])

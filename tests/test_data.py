@@ -132,6 +132,26 @@ def test_checker_reads_ground_truth(sample_size):
     assert result["colour"] == 1.0
     assert result["shape"] >= 0.98 and result["both"] >= 0.98
     assert result["both_correct"] == round(result["both"] * N_CHECK)
+    confusion = result["shape_confusion"]  # rows: prompted shape; columns: the shape read
+    assert sum(sum(row.values()) for row in confusion.values()) == N_CHECK
+    assert sum(confusion[s][s] for s in confusion) == result["shape_correct"]
+
+
+def test_checker_confusion_names_the_shape_it_read():
+    """A square drawn for every prompt: each prompted shape's row puts all its images under
+    'square'; a black image is read as nothing ('none')."""
+    images, prompts = shapes_batch(32, seed=14)
+    squares = [i for i, p in enumerate(prompts) if p.endswith("square")]
+    drawn = images[squares[:4]]
+    colours_of = [prompts[i].split()[1] for i in squares[:4]]
+    captions = [f"a {c} {s}" for c, s in zip(colours_of, ("circle", "square", "triangle",
+                                                          "cross"))]
+    result = shapes_adherence(torch.cat([drawn, -torch.ones_like(drawn[:1])]),
+                              captions + ["a red circle"])
+    confusion = result["shape_confusion"]
+    assert [confusion[s]["square"] for s in ("circle", "square", "triangle", "cross")] == \
+        [1, 1, 1, 1]
+    assert confusion["circle"]["none"] == 1 and result["shape_correct"] == 1
 
 
 def test_checker_survives_mild_blur_and_noise():

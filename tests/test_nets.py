@@ -40,7 +40,7 @@ from nets import (
     timesteps_as_batch,
     trim_padding,
 )
-from nets.attention import ATTENTION_BACKENDS, sdpa_backends
+from nets.attention import ATTENTION_BACKENDS, AttentionPool, sdpa_backends
 from nets.text_encoder import text_heads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -613,11 +613,12 @@ def test_xformers_toggle_selects_the_efficient_kernel_and_says_so_once():
         build(use_xformers=True)  # the config's flag says so too
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_padding_tokens_have_no_effect(pooled):
+@pytest.mark.parametrize("pooled, pooling", [(False, "mean"), (True, "mean"),
+                                             (True, "attention")])
+def test_padding_tokens_have_no_effect(pooled, pooling):
     config = tiny_config(attention_resolutions=(16, 8), context_dim=32,
                          text_encoder_width=32, text_encoder_layers=1, max_text_length=12,
-                         pooled_text_conditioning=pooled)
+                         pooled_text_conditioning=pooled, text_pooling=pooling)
     torch.manual_seed(0)
     model = AdvancedUNet(config)
     encoder = TextEncoder.from_config(config)
@@ -641,6 +642,42 @@ def test_masked_mean_oracle():
     torch.testing.assert_close(masked_mean(context, mask),
                                torch.tensor([[1.5, 2.5, 3.5], [4.5, 5.5, 6.5]]))
     torch.testing.assert_close(masked_mean(context, None), masked_mean(context, mask[[1, 1]]))
+
+
+def test_attention_pool_oracle():
+    """AttentionPool against softmax(q K^T / sqrt(d)) V written out per head, padding masked."""
+    torch.manual_seed(0)
+    pool = AttentionPool(8, heads=2)
+    context = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    attn = pool.attn
+    q = attn.to_q(pool.query)[0, 0].view(2, 4)  # (heads, d)
+    k, v = attn.to_kv(context).chunk(2, dim=-1)
+    k, v = k.view(2, 5, 2, 4), v.view(2, 5, 2, 4)  # (B, M, heads, d)
+    logits = torch.einsum("hd,bmhd->bhm", q, k) / 2.0  # sqrt(d) = 2
+    logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+    heads = torch.einsum("bhm,bmhd->bhd", logits.softmax(-1), v).reshape(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pool(context, mask), attn.to_out(heads), atol=1e-5,
+                                   rtol=1e-5)
+        # the pooled vector is a convex mix of values: one token's value when it is alone
+        alone = torch.zeros(2, 5, dtype=torch.bool)
+        alone[:, 2] = True
+        torch.testing.assert_close(pool(context, alone),
+                                   attn.to_out(v[:, 2].reshape(2, 8)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="AttentionPool heads=3 must divide dim=8"):
+        AttentionPool(8, heads=3)
+
+
+def test_attention_pooling_builds_its_pool_only_when_asked():
+    assert build(pooled_text_conditioning=True).unet.text_pool is None  # the mean
+    model = build(pooled_text_conditioning=True, text_pooling="attention")
+    assert isinstance(model.unet.text_pool, AttentionPool)
+    assert build(pooled_text_conditioning=False, text_pooling="attention").unet.text_pool \
+        is None  # nothing is pooled without the pooled embedding
+    with pytest.raises(ValueError, match="text_pooling='max' must be one of"):
+        UNet(context_dim=32, model_channels=32, channel_mult=(1,), num_heads=4,
+             pooled_text=True, text_pooling="max")
 
 
 def test_pooled_text_conditioning_reaches_a_level_without_attention():

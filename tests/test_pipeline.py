@@ -1131,6 +1131,15 @@ def fresh_checkpoint(tmp_path):
         tmp_path / "fresh.pt")
 
 
+def stub_adherence() -> dict:
+    """What shapes_adherence returns, all zero: scores, chance levels and an empty confusion."""
+    result = {k: 0.0 for k in ("colour", "shape", "both", "chance_colour", "chance_shape",
+                               "chance_both")}
+    shapes = ("circle", "square", "triangle", "cross")
+    return {**result, "shape_confusion": {s: dict.fromkeys((*shapes, "none"), 0)
+                                          for s in shapes}}
+
+
 def test_evaluate_scores_images_in_minus_1_1_against_the_right_prompts(fresh_checkpoint,
                                                                        monkeypatch):
     """The checker gets images * 2 - 1, and a permutation of the prompts under
@@ -1143,8 +1152,7 @@ def test_evaluate_scores_images_in_minus_1_1_against_the_right_prompts(fresh_che
 
     def adherence(x, p):
         scored.append((x, p))
-        return {k: 0.0 for k in ("colour", "shape", "both", "chance_colour", "chance_shape",
-                                 "chance_both")}
+        return stub_adherence()
 
     monkeypatch.setattr(evaluate_script, "shapes_adherence", adherence)
     base = ["--checkpoint", str(fresh_checkpoint), "--seeds", "2", "--device", "cpu"]
@@ -1163,9 +1171,7 @@ def test_evaluate_grid_shows_the_first_seeds_of_each_caption(fresh_checkpoint, t
     prompts = [c for c in all_captions() for _ in range(3)]
     monkeypatch.setattr(evaluate_script, "sample_all_captions", lambda *a, **k: (images, prompts))
     monkeypatch.setattr(evaluate_script, "keep_freed_memory", lambda: True)
-    monkeypatch.setattr(evaluate_script, "shapes_adherence", lambda x, p: {
-        k: 0.0 for k in ("colour", "shape", "both", "chance_colour", "chance_shape",
-                         "chance_both")})
+    monkeypatch.setattr(evaluate_script, "shapes_adherence", lambda x, p: stub_adherence())
     monkeypatch.setattr(evaluate_script, "shapes_distances", lambda *a: {  # 1-pixel images
         k: 0.0 for k in ("fd", "fd_floor", "kid", "kid_std", "kid_floor", "kid_floor_std",
                          "adherence", "chance", "real_adherence", "num_fake", "num_real_floor")})
