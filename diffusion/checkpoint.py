@@ -35,8 +35,8 @@ MODEL_FIELDS = (
     "in_channels", "out_channels", "model_channels", "num_res_blocks", "attention_resolutions",
     "channel_mult", "num_heads", "use_spatial_transformer", "transformer_depth", "context_dim",
     "sample_size", "use_scale_shift_norm", "pooled_text_conditioning", "text_pooling",
-    "text_encoder_layers", "text_encoder_width", "max_text_length", "num_train_timesteps", "beta_start", "beta_end",
-    "beta_schedule", "prediction_type", "rescale_betas_zero_snr",
+    "text_encoder_layers", "text_encoder_width", "max_text_length", "num_train_timesteps",
+    "beta_start", "beta_end", "beta_schedule", "prediction_type", "rescale_betas_zero_snr",
 )
 
 

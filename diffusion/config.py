@@ -32,6 +32,7 @@ import yaml
 
 BETA_SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TEXT_POOLINGS = ("mean", "attention")  # nets.unet.TEXT_POOLINGS (tests/test_config.py checks)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "euler_ancestral")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -185,7 +186,7 @@ class DiffusionConfig:
     text_pooling: str = _field(
         "mean", "How pooled_text_conditioning pools the prompt's text states: their masked mean, "
         "or attention from a learned query (AttentionPool), which can weight the words that "
-        "tell prompts apart.", choices=("mean", "attention"))
+        "tell prompts apart.", choices=TEXT_POOLINGS)
     text_encoder_layers: int = _field(2, "Transformer layers of the text encoder.", low=0)
     text_encoder_width: int = _field(256, "Width of the text encoder.", low=1)
     max_text_length: int = _field(77, "Tokens per prompt, BOS and EOS included.", low=2)

@@ -364,3 +364,12 @@ def test_parse_overrides_strips_spaces_and_keeps_an_empty_value_a_string():
     assert parse_overrides([" seed = 3 ", "snr_gamma="]) == {"seed": 3, "snr_gamma": ""}
     with pytest.raises(TypeError, match="snr_gamma='' must be float or None"):
         DiffusionConfig().with_overrides({"snr_gamma": ""})
+
+
+def test_text_poolings_are_the_unets():
+    """The config's allowed text_pooling values are the ones the UNet builds (nets imports
+    nothing from diffusion, so each keeps its own tuple)."""
+    from diffusion.config import TEXT_POOLINGS
+    from nets.unet import TEXT_POOLINGS as UNET_TEXT_POOLINGS
+
+    assert TEXT_POOLINGS == UNET_TEXT_POOLINGS

@@ -16,7 +16,6 @@ with min / median / max, in the format of bench_recipe.py.
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusion import DiffusionConfig, parse_overrides  # noqa: E402
 from diffusion.data import GlobalBatchSampler, build_dataset, collate  # noqa: E402
@@ -33,6 +33,8 @@ from diffusion.trainer import AdvancedDiffusionTrainer  # noqa: E402
 from nets import AdvancedUNet, TextEncoder  # noqa: E402
 from sampling import AdvancedDiffusionPipeline  # noqa: E402
 from sampling.reference import evaluate_pipeline  # noqa: E402
+
+from bench_recipe import spread  # noqa: E402
 
 SCORES = ("adherence", "fd", "kid")
 
@@ -117,12 +119,8 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         rows.append(row)
     summary = {"config": args.config, "set": args.set, "baseline": "caption lookup",
-               "summary": True, "runs": len(rows)}
-    for key in ("train_s", "steps_s", *SCORES):
-        values = [row[key] for row in rows if key in row]
-        if values:
-            summary[key] = {"min": min(values), "median": statistics.median(values),
-                            "max": max(values)}
+               "summary": True, "runs": len(rows),
+               **spread(rows, ("train_s", "steps_s", *SCORES))}
     print(json.dumps(summary))
 
 

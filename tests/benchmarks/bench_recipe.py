@@ -88,18 +88,29 @@ def one_seed(seed: int, args, threads: int) -> list[dict]:
     return rows
 
 
+def spread(rows: list[dict], keys) -> dict:
+    """{key: {"min", "median", "max"}} over the rows that have the key."""
+    summary = {}
+    for key in keys:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        if values:
+            summary[key] = {"min": min(values), "median": statistics.median(values),
+                            "max": max(values)}
+    return summary
+
+
 def summarise(rows: list[dict], specs: list[str]) -> list[dict]:
+    """One summary per evaluation: min / median / max of every score over the seeds."""
     summaries = []
     for spec in specs:
         group = [row for row in rows if row["eval"] == spec]
-        summary = {"summary": spec, "runs": len(group)}
-        for key in ("train_s", "steps_s", *SCORES):
-            values = [row[key] for row in group if row.get(key) is not None]
-            if values:
-                summary[key] = {"min": min(values), "median": statistics.median(values),
-                                "max": max(values)}
-        summaries.append(summary)
+        summaries.append({"summary": spec, "runs": len(group),
+                          **spread(group, ("train_s", "steps_s", *SCORES))})
     return summaries
+
+
+def cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def print_table(rows: list[dict], summaries: list[dict]) -> None:
@@ -107,13 +118,12 @@ def print_table(rows: list[dict], summaries: list[dict]) -> None:
     print(f"{'seed':>6} {'eval':28s} " + " ".join(f"{key:>9s}" for key in keys))
     for row in rows:
         print(f"{row['seed']:>6} {row['eval'] or '(config)':28s} "
-              + " ".join(f"{row.get(key, '-'):>9}" for key in keys))
+              + " ".join(f"{cell(row.get(key, '-')):>9s}" for key in keys))
     for summary in summaries:
         for stat in ("min", "median", "max"):
-            cells = [summary.get(key, {}).get(stat, "-") for key in keys]
-            cells = [f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in cells]
+            cells = [cell(summary.get(key, {}).get(stat, "-")) for key in keys]
             print(f"{stat:>6} {summary['summary'] or '(config)':28s} "
-                  + " ".join(f"{cell:>9s}" for cell in cells))
+                  + " ".join(f"{text:>9s}" for text in cells))
 
 
 def main(argv=None):

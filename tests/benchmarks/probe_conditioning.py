@@ -1,7 +1,7 @@
 """How much a trained model's text conditioning tells prompts apart, per kind of difference.
 
-    python tests/benchmarks/probe_conditioning.py --checkpoint runs/shapes/last.pt
-        [--pairs shapes|digits-like] [--images 8]
+    python tests/benchmarks/probe_conditioning.py --checkpoint runs/shapes/last.pt [--images 8]
+        [--pair "PROMPT A" "PROMPT B" ... --data-dir FOLDER]
 
 For pairs of prompts that differ in one way (the colour word, the shape word, one character),
 prints two measurements as a table and JSON lines:
@@ -11,8 +11,9 @@ prints two measurements as a table and JSON lines:
   the config has `pooled_text_conditioning: false`). Near 1 means the global path cannot
   tell the prompts apart.
 - `eps_gap[t]`: at timestep t, ||eps(x_t, a) - eps(x_t, b)|| / ||eps(x_t, a) - eps(x_t, "")||
-  averaged over noised images of prompt a (shapes images when a is a shapes caption, else
-  noise): how much swapping the prompt moves the prediction, relative to dropping it.
+  averaged over noised images of prompt a (shapes images for a shapes caption, a folder's
+  images captioned a with --data-dir, else clipped Gaussian noise): how much swapping the
+  prompt moves the prediction, relative to dropping it.
   Near 0 means the network ignores the difference at that noise level. At a fixed x_t and t
   the eps, v and x0 outputs are affine in one another with one slope (v = eps / sqrt(abar) -
   c x_t), so the ratio is the same whichever the model predicts, and models of different
@@ -29,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from diffusion.folder import ImageFolderDataset  # noqa: E402
 from diffusion.shapes import ShapesDataset  # noqa: E402
 from nets.unet import masked_mean  # noqa: E402
 from sampling.pipeline import AdvancedDiffusionPipeline  # noqa: E402
@@ -53,8 +55,15 @@ def shapes_images(caption: str, count: int, size: int) -> torch.Tensor | None:
     return torch.stack(images) if images else None
 
 
+def folder_images(folder, caption: str, count: int, config) -> torch.Tensor | None:
+    """The first `count` images of an image folder captioned `caption`, or None."""
+    dataset = ImageFolderDataset(folder, config.sample_size, in_channels=config.in_channels)
+    picked = [i for i, c in enumerate(dataset.captions) if c == caption][:count]
+    return torch.stack([dataset[i]["image"] for i in picked]) if picked else None
+
+
 @torch.no_grad()
-def probe(pipeline, pairs, num_images: int, seed: int = 0) -> list[dict]:
+def probe(pipeline, pairs, num_images: int, seed: int = 0, data_dir=None) -> list[dict]:
     unet, text_encoder, scheduler = pipeline.unet.unet, pipeline.text_encoder, pipeline.scheduler
     config = pipeline.config
     shape = (num_images, config.in_channels, config.sample_size, config.sample_size)
@@ -73,8 +82,11 @@ def probe(pipeline, pairs, num_images: int, seed: int = 0) -> list[dict]:
                 pb = unet.text_pool_proj(masked_mean(sb[:1], mb[:1]))
                 row["pooled_cos"] = round(torch.cosine_similarity(pa, pb).item(), 4)
             gen = torch.Generator().manual_seed(seed)
-            x0 = shapes_images(a, num_images, config.sample_size) if \
-                config.in_channels == 3 else None
+            if data_dir:
+                x0 = folder_images(data_dir, a, num_images, config)
+            else:
+                x0 = shapes_images(a, num_images, config.sample_size) if \
+                    config.in_channels == 3 else None
             if x0 is None or len(x0) < num_images:
                 x0 = torch.randn(shape, generator=gen).clamp(-1, 1)
             for t in TIMESTEPS:
@@ -96,17 +108,21 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--images", type=int, default=8, help="noised images per pair")
     parser.add_argument("--no-ema", action="store_true")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
+                        help="probe these prompts instead of the built-in pairs (repeatable)")
+    parser.add_argument("--data-dir", help="image folder whose images of prompt A are noised")
     args = parser.parse_args(argv)
+    pairs = {"given": [tuple(pair) for pair in args.pair]} if args.pair else PAIRS
     torch.manual_seed(0)
     pipeline = AdvancedDiffusionPipeline.from_checkpoint(args.checkpoint,
                                                          use_ema=not args.no_ema, device="cpu")
-    rows = probe(pipeline, PAIRS, args.images)
+    rows = probe(pipeline, pairs, args.images, data_dir=args.data_dir)
     keys = ["pooled_cos"] + [f"eps_gap[{t}]" for t in TIMESTEPS]
     print(f"{'kind':14s} {'prompts':42s} " + " ".join(f"{k:>13s}" for k in keys))
     for row in rows:
         cells = " ".join(f"{'-' if row[k] is None else row[k]:>13}" for k in keys)
         print(f"{row['kind']:14s} {row['a'] + ' / ' + row['b']:42s} {cells}")
-    for kind in PAIRS:
+    for kind in pairs:
         group = [row for row in rows if row["kind"] == kind]
         summary = {"kind": kind, "checkpoint": args.checkpoint}
         for key in keys:
