@@ -144,13 +144,11 @@ def test_checker_confusion_names_the_shape_it_read():
     squares = [i for i, p in enumerate(prompts) if p.endswith("square")]
     drawn = images[squares[:4]]
     colours_of = [prompts[i].split()[1] for i in squares[:4]]
-    captions = [f"a {c} {s}" for c, s in zip(colours_of, ("circle", "square", "triangle",
-                                                          "cross"))]
+    captions = [f"a {c} {s}" for c, s in zip(colours_of, SHAPES)]
     result = shapes_adherence(torch.cat([drawn, -torch.ones_like(drawn[:1])]),
                               captions + ["a red circle"])
     confusion = result["shape_confusion"]
-    assert [confusion[s]["square"] for s in ("circle", "square", "triangle", "cross")] == \
-        [1, 1, 1, 1]
+    assert [confusion[s]["square"] for s in SHAPES] == [1, 1, 1, 1]
     assert confusion["circle"]["none"] == 1 and result["shape_correct"] == 1
 
 

@@ -21,6 +21,7 @@ import sampling.images as images_module
 import sampling.pipeline as pipeline_module
 from diffusion import AdvancedDiffusionTrainer, AdvancedScheduler, CheckpointError, all_captions
 from diffusion.config import MAX_SEED
+from diffusion.shapes import SHAPES
 from nets import AdvancedUNet, TextEncoder
 from sampling import AdvancedDiffusionPipeline, guided_model_fn, to_pil
 from sampling.evaluate import sample_all_captions
@@ -1135,9 +1136,8 @@ def stub_adherence() -> dict:
     """What shapes_adherence returns, all zero: scores, chance levels and an empty confusion."""
     result = {k: 0.0 for k in ("colour", "shape", "both", "chance_colour", "chance_shape",
                                "chance_both")}
-    shapes = ("circle", "square", "triangle", "cross")
-    return {**result, "shape_confusion": {s: dict.fromkeys((*shapes, "none"), 0)
-                                          for s in shapes}}
+    return {**result, "shape_confusion": {s: dict.fromkeys((*SHAPES, "none"), 0)
+                                          for s in SHAPES}}
 
 
 def test_evaluate_scores_images_in_minus_1_1_against_the_right_prompts(fresh_checkpoint,

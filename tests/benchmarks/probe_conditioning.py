@@ -7,9 +7,10 @@ For pairs of prompts that differ in one way (the colour word, the shape word, on
 prints two measurements as a table and JSON lines:
 
 - `pooled_cos`: cosine similarity of the two prompts' pooled text embeddings, the vector the
-  UNet adds to its timestep embedding (`text_pool_proj(masked_mean(states))`; absent when
-  the config has `pooled_text_conditioning: false`). Near 1 means the global path cannot
-  tell the prompts apart.
+  UNet adds to its timestep embedding (`text_pool_proj(unet.pooled_text(states))`: the mean
+  or the attention pool, as the config says; absent when the config has
+  `pooled_text_conditioning: false`). Near 1 means the global path cannot tell the prompts
+  apart.
 - `eps_gap[t]`: at timestep t, ||eps(x_t, a) - eps(x_t, b)|| / ||eps(x_t, a) - eps(x_t, "")||
   averaged over noised images of prompt a (shapes images for a shapes caption, a folder's
   images captioned a with --data-dir, else clipped Gaussian noise): how much swapping the
@@ -32,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffusion.folder import ImageFolderDataset  # noqa: E402
 from diffusion.shapes import ShapesDataset  # noqa: E402
-from nets.unet import masked_mean  # noqa: E402
 from sampling.pipeline import AdvancedDiffusionPipeline  # noqa: E402
 
 PAIRS = {
@@ -55,9 +55,8 @@ def shapes_images(caption: str, count: int, size: int) -> torch.Tensor | None:
     return torch.stack(images) if images else None
 
 
-def folder_images(folder, caption: str, count: int, config) -> torch.Tensor | None:
-    """The first `count` images of an image folder captioned `caption`, or None."""
-    dataset = ImageFolderDataset(folder, config.sample_size, in_channels=config.in_channels)
+def folder_images(dataset, caption: str, count: int) -> torch.Tensor | None:
+    """The first `count` images of an ImageFolderDataset captioned `caption`, or None."""
     picked = [i for i, c in enumerate(dataset.captions) if c == caption][:count]
     return torch.stack([dataset[i]["image"] for i in picked]) if picked else None
 
@@ -72,18 +71,21 @@ def probe(pipeline, pairs, num_images: int, seed: int = 0, data_dir=None) -> lis
         states, mask = text_encoder.encode([prompt] * num_images)
         return states, mask
 
+    su, mu = encode("")
+    folder = ImageFolderDataset(data_dir, config.sample_size, in_channels=config.in_channels) \
+        if data_dir else None
     rows = []
     for kind, group in pairs.items():
         for a, b in group:
-            (sa, ma), (sb, mb), (su, mu) = encode(a), encode(b), encode("")
+            (sa, ma), (sb, mb) = encode(a), encode(b)
             row = {"kind": kind, "a": a, "b": b, "pooled_cos": None}
             if unet.text_pool_proj is not None:
-                pa = unet.text_pool_proj(masked_mean(sa[:1], ma[:1]))
-                pb = unet.text_pool_proj(masked_mean(sb[:1], mb[:1]))
+                pa = unet.text_pool_proj(unet.pooled_text(sa[:1], ma[:1]))
+                pb = unet.text_pool_proj(unet.pooled_text(sb[:1], mb[:1]))
                 row["pooled_cos"] = round(torch.cosine_similarity(pa, pb).item(), 4)
             gen = torch.Generator().manual_seed(seed)
-            if data_dir:
-                x0 = folder_images(data_dir, a, num_images, config)
+            if folder is not None:
+                x0 = folder_images(folder, a, num_images)
             else:
                 x0 = shapes_images(a, num_images, config.sample_size) if \
                     config.in_channels == 3 else None
