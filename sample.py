@@ -77,8 +77,8 @@ def main(argv=None):
                                         args.guidance_rescale)}
         init, strength = None, 1.0
         if init_image is not None:
-            size = (pipeline.config.sample_size,) * 2
-            init = from_pil(init_image, pipeline.config.in_channels, size)
+            size = (pipeline.image_size,) * 2
+            init = from_pil(init_image, pipeline.image_channels, size)
             init = init.expand(args.num_images, -1, -1, -1)
             strength = DEFAULT_STRENGTH if args.strength is None else args.strength
         steps = pipeline.num_denoising_steps(settings["num_inference_steps"], strength)

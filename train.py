@@ -20,8 +20,8 @@ from diffusion import DiffusionConfig, parse_overrides
 from diffusion.data import GlobalBatchSampler, build_dataset, collate, default_sample_prompts
 from diffusion.progress import Progress
 from diffusion.run import StopFlag, TrainingRun, setup_distributed
-from diffusion.trainer import AdvancedDiffusionTrainer
-from nets import AdvancedUNet, keep_freed_memory
+from diffusion.autoencoder_trainer import AutoencoderTrainer, build_trainer
+from nets import keep_freed_memory
 from sampling import AdvancedDiffusionPipeline, make_grid
 from sampling.reference import evaluate_pipeline
 
@@ -51,32 +51,48 @@ def setup(args):
     written."""
     config = load_config(args)
     rank, world, device = setup_distributed()
-    dataset = build_dataset(config)
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    trainer = build_trainer(config, device=device, distributed=world > 1)
+    dataset = build_dataset(config, trainer.image_size, trainer.image_channels)
     batches = GlobalBatchSampler(len(dataset), config.batch_size, world_size=world, rank=rank,
                                  seed=config.seed)
     dataset[0]  # a folder where no image decodes fails here
-    torch.manual_seed(config.seed)  # same initial weights on every rank
-    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config, device=device,
-                                       distributed=world > 1)
     run = TrainingRun(config, trainer, batches, len(dataset), resume=args.resume,
                       is_main=rank == 0)
+    fit = trainer.fit_latent_scale(dataset)  # latent diffusion, fresh run: LDM's scale_by_std
+    if fit and run.is_main:
+        print(f"latent scale {fit['scale']:.4f}, shift {fit['shift']:.4f} (latent std "
+              f"{fit['std']:.4f}, mean {fit['mean']:.4f} over {config.latent_scale_images} "
+              "images)", file=sys.stderr)
     run.open()
     return config, dataset, trainer, run
 
 
-def save_samples(trainer, run, prompts):
-    """A grid of the EMA model's images for fixed prompts and seeds 0..n-1."""
+def save_samples(trainer, run, prompts, dataset):
+    """A grid of the EMA model's images for fixed prompts and seeds 0..n-1; for an
+    autoencoder, the first len(prompts) training images above their reconstructions."""
     with trainer.ema_weights():
-        images = AdvancedDiffusionPipeline.from_trainer(trainer).generate(
-            prompts, list(range(len(prompts))))
+        if isinstance(trainer, AutoencoderTrainer):
+            originals = collate([dataset[i] for i in range(len(prompts))])["images"]
+            images = (torch.cat([originals, trainer.reconstruct(originals).cpu()]) + 1) / 2
+            prompts = None
+        else:
+            images = AdvancedDiffusionPipeline.from_trainer(trainer).generate(
+                prompts, list(range(len(prompts))))
     path = run.dir / "samples" / f"step_{trainer.global_step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, prompts).save(path)
+    make_grid(images, prompts, columns=len(images) // 2 if prompts is None else None).save(path)
 
 
 def evaluate(trainer, dataset) -> dict:
-    """FD, KID and caption adherence of the EMA model's images against the training data."""
+    """FD, KID and caption adherence of the EMA model's images against the training data; for
+    an autoencoder, the reconstruction PSNR and SSIM of the first eval_num_images images."""
     with trainer.ema_weights():
+        if isinstance(trainer, AutoencoderTrainer):
+            first = torch.utils.data.Subset(dataset, range(min(len(dataset),
+                                                               trainer.config.eval_num_images)))
+            return trainer.validate(torch.utils.data.DataLoader(
+                first, batch_size=trainer.config.batch_size, collate_fn=collate))
         return evaluate_pipeline(AdvancedDiffusionPipeline.from_trainer(trainer), dataset,
                                  num_images=trainer.config.eval_num_images,
                                  seed=trainer.config.seed)
@@ -111,7 +127,7 @@ def main(argv=None):
                 if step % config.save_every == 0:
                     run.save()
                 if step % config.sample_every == 0 and run.is_main:
-                    save_samples(trainer, run, prompts)
+                    save_samples(trainer, run, prompts, dataset)
                 if config.eval_every and step % config.eval_every == 0 and run.is_main:
                     run.log_eval(evaluate(trainer, dataset))
             stop.sync(trainer.device)

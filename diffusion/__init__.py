@@ -1,11 +1,14 @@
 """The forward process and training: config, schedules, scheduler (DDPM / DDIM steps), the
-training objective, EMA, data, checkpoints and the trainer."""
+training objective, EMA, data, checkpoints, the trainers (diffusion and autoencoder) and the
+latent space of latent diffusion."""
 
+from .autoencoder_trainer import AutoencoderTrainer, build_trainer
 from .checkpoint import CheckpointError, find_resumable, load_checkpoint_file
 from .config import DiffusionConfig, config_reference, parse_overrides
 from .data import GlobalBatchSampler, build_dataset, collate
 from .ema import EMAModel
 from .folder import ImageFolderDataset
+from .latent import LatentSpace
 from .objective import training_losses
 from .optim import get_scheduler
 from .scheduler import AdvancedScheduler, SchedulerOutput, randn_like
@@ -23,6 +26,9 @@ __all__ = [
     "SHAPES",
     "SHAPE_COLOURS",
     "AdvancedDiffusionTrainer",
+    "AutoencoderTrainer",
+    "LatentSpace",
+    "build_trainer",
     "CheckpointError",
     "EMAModel",
     "GlobalBatchSampler",

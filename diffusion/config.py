@@ -40,6 +40,7 @@ LOSS_TYPES = ("l2", "l1", "huber")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION_MODES = (True, False, "no", "fp16", "bf16")
 DATASETS = ("shapes", "folder")
+STAGES = ("diffusion", "autoencoder")
 # Largest seed: the signed 64-bit range, which torch's and numpy's seeding accept.
 MAX_SEED = 2**63 - 1
 
@@ -187,6 +188,10 @@ class DiffusionConfig:
         "mean", "How pooled_text_conditioning pools the prompt's text states: their masked mean, "
         "or attention from a learned query (AttentionPool), which can weight the words that "
         "tell prompts apart.", choices=TEXT_POOLINGS)
+    norm_groups: int = _field(
+        32, "Most GroupNorm groups in the UNet (gcd with each width; 32 is guided-diffusion's). "
+            "Below 32 x 2 channels, 32 means one or two channels per group, which normalises "
+            "away much of each channel's mean over the image.", low=1)
     text_encoder_layers: int = _field(2, "Transformer layers of the text encoder.", low=0)
     text_encoder_width: int = _field(256, "Width of the text encoder.", low=1)
     max_text_length: int = _field(77, "Tokens per prompt, BOS and EOS included.", low=2)
@@ -236,6 +241,41 @@ class DiffusionConfig:
     data_dir: str | None = _field(None, "Image folder when dataset is 'folder'.")
     random_flip: bool = _field(False, "Random horizontal flips.")
     num_workers: int = _field(0, "DataLoader worker processes.", low=0)
+    # ---- latent diffusion (ours; docs/latent.md) ----
+    stage: str = _field(
+        "diffusion", "What train.py trains: the diffusion UNet (in pixel space, or in latent "
+        "space when `autoencoder` is set) or the KL autoencoder of latent diffusion.",
+        choices=STAGES)
+    autoencoder: str | None = _field(
+        None, "Autoencoder checkpoint (stage=autoencoder's last.pt) for latent diffusion: the "
+              "UNet then sees latents of sample_size x sample_size with in_channels = the "
+              "autoencoder's latent_channels; null: pixel space.")
+    latent_scale_images: int = _field(
+        256, "Images encoded at the start of a latent run to set the latent scale "
+             "(1/std, LDM's scale_by_std).", low=1)
+    latent_shift: bool = _field(False, "Also subtract the latents' mean before scaling.")
+    latent_channels: int = _field(4, "Channels of the autoencoder's latent.", low=1)
+    ae_channels: int = _field(64, "Base channel width of the autoencoder.", low=1)
+    ae_channel_mult: tuple[int, ...] = _field(
+        (1, 2, 4), "Autoencoder channel multiplier per level; len - 1 stride-2 downsamplings "
+                   "(f = 2^(len - 1)).")
+    ae_num_res_blocks: int = _field(1, "ResBlocks per autoencoder level.", low=1)
+    ae_attention: bool = _field(True, "Self-attention in the autoencoder's middle blocks.")
+    ae_norm_groups: int = _field(
+        32, "Most GroupNorm groups in the autoencoder (gcd with each width). 32 is LDM's, at "
+            "128 channels; a narrow autoencoder wants fewer (one channel per group normalises "
+            "away each channel's mean and trains far slower: docs/latent.md).", low=1)
+    ae_l1_weight: float = _field(1.0, "Weight of the L1 reconstruction loss.", low=0.0)
+    ae_l2_weight: float = _field(0.0, "Weight of the L2 reconstruction loss.", low=0.0)
+    ae_ssim_weight: float = _field(0.0, "Weight of the 1 - SSIM loss.", low=0.0)
+    ae_kl_weight: float = _field(1e-6, "Weight of the KL term (per image, summed over the "
+                                       "latent).", low=0.0)
+    ae_gan_weight: float = _field(
+        0.0, "Weight of the PatchGAN hinge loss, times LDM's adaptive weight; 0: no "
+             "discriminator.", low=0.0)
+    ae_gan_start: int = _field(0, "Step at which the discriminator and GAN loss start.", low=0)
+    ae_disc_channels: int = _field(64, "Base width of the PatchGAN discriminator.", low=1)
+    ae_disc_layers: int = _field(3, "Stride-2 layers of the PatchGAN discriminator.", low=1)
     # ---- run (ours) ----
     output_dir: str = _field("runs/default", "Folder the run writes everything under.")
     log_every: int = _field(10, "Steps between metrics lines.", low=1)
@@ -285,12 +325,20 @@ class DiffusionConfig:
             raise ValueError(
                 f"num_inference_steps={self.num_inference_steps} must be at most "
                 f"num_train_timesteps={self.num_train_timesteps}")
-        for name in ("attention_resolutions", "channel_mult"):
+        for name in ("attention_resolutions", "channel_mult", "ae_channel_mult"):
             bad = [v for v in getattr(self, name) if v < 1]
             if bad:
                 raise ValueError(f"{name}={getattr(self, name)} must hold positive ints")
-        if not self.channel_mult:
-            raise ValueError("channel_mult=() must have at least one level")
+        for name in ("channel_mult", "ae_channel_mult"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}=() must have at least one level")
+        if self.autoencoder is not None and self.stage == "autoencoder":
+            raise ValueError(f"stage='autoencoder' trains an autoencoder and takes no "
+                             f"autoencoder checkpoint; got autoencoder={self.autoencoder!r}")
+        if self.autoencoder is not None and self.clip_sample:
+            raise ValueError("clip_sample=True clips the predicted x0 to +-clip_sample_range, "
+                             "which cuts unit-std latents; set clip_sample=False when "
+                             f"autoencoder={self.autoencoder!r} is set")
         if self.pooled_text_conditioning and not self.use_spatial_transformer:
             raise ValueError("pooled_text_conditioning=True needs use_spatial_transformer=True "
                              "(a model without text input has no prompt to pool)")

@@ -48,24 +48,28 @@ def collate(batch: Sequence[dict]) -> dict:
             "prompts": [item["text"] for item in batch]}
 
 
-def build_dataset(config) -> ShapesDataset | ImageFolderDataset:
+def build_dataset(config, image_size: int | None = None,
+                  image_channels: int | None = None) -> ShapesDataset | ImageFolderDataset:
     """The dataset `config.dataset` names: "shapes" or "folder" (reading `config.data_dir`).
 
     Uses `sample_size`, `seed`, `in_channels` and, for folders, `random_flip` (shapes are all
     left-right symmetric at uniform positions, so a flip would add nothing there).
+    image_size and image_channels replace sample_size and in_channels where the images are
+    not what the network sees (latent diffusion: the trainer's image_size, image_channels).
     """
+    size = config.sample_size if image_size is None else image_size
+    channels = config.in_channels if image_channels is None else image_channels
     if config.dataset == "shapes":
-        if config.in_channels != SHAPES_CHANNELS:
+        if channels != SHAPES_CHANNELS:
             raise ValueError(f"dataset='shapes' draws RGB images; in_channels="
-                             f"{config.in_channels} must be {SHAPES_CHANNELS}")
-        return ShapesDataset(sample_size=config.sample_size, seed=config.seed)
+                             f"{channels} must be {SHAPES_CHANNELS}")
+        return ShapesDataset(sample_size=size, seed=config.seed)
     if config.dataset == "folder":
         if not config.data_dir or not Path(config.data_dir).is_dir():
             raise ValueError(f"dataset='folder' needs data_dir (the image folder); "
                              f"got data_dir={config.data_dir!r}, which is not a folder")
-        return ImageFolderDataset(config.data_dir, config.sample_size,
-                                  random_flip=config.random_flip, seed=config.seed,
-                                  in_channels=config.in_channels)
+        return ImageFolderDataset(config.data_dir, size, random_flip=config.random_flip,
+                                  seed=config.seed, in_channels=channels)
     raise ValueError(f"dataset={config.dataset!r} is not one of {list(DATASETS)}")
 
 

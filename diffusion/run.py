@@ -48,6 +48,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
 
 
+# What AutoencoderTrainer.train_step adds to a metrics line (the last micro-batch's values).
+AUTOENCODER_METRICS = ("rec_loss", "kl", "psnr", "gan_weight", "disc_loss")
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop asks `stopping(trainer)` between steps, saves and exits."""
 
@@ -189,8 +193,11 @@ class TrainingRun:
         its = (step - self._last_step) / (now - self._last_time)
         line = {"step": step, "loss": metrics["loss"], "lr": metrics["learning_rate"],
                 "grad_norm": metrics["grad_norm"], "it_s": its,
-                "images_s": its * self.images_per_step, "skipped_steps": metrics["skipped_steps"]}
-        self._write(line, "train", {key: line[key] for key in ("loss", "lr", "grad_norm", "it_s")})
+                "images_s": its * self.images_per_step, "skipped_steps": metrics["skipped_steps"],
+                **{key: metrics[key] for key in AUTOENCODER_METRICS if key in metrics}}
+        self._write(line, "train", {key: line[key] for key in
+                                    ("loss", "lr", "grad_norm", "it_s", *AUTOENCODER_METRICS)
+                                    if key in line})
         self._last_time, self._last_step = now, step
 
     def log_eval(self, result: dict) -> None:

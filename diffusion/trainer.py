@@ -36,6 +36,7 @@ from .config import DiffusionConfig
 from .data import derived_seed
 from .ema import EMAModel
 from .images import check_image_range
+from .latent import LatentSpace
 from .objective import draw_training_noise, training_losses
 from .optim import FUSED_ADAMW_DEVICES, get_scheduler, lr_factor, parameter_groups
 from .scheduler import AdvancedScheduler
@@ -127,14 +128,7 @@ class AdvancedDiffusionTrainer:
         self.device = torch.device(device) if device is not None else \
             next(model.parameters()).device
         self.model = model.to(self.device)
-        self.text_encoder = (text_encoder if text_encoder is not None
-                             else TextEncoder.from_config(config)).to(self.device)
-        self.tokenizer = self.text_encoder.tokenizer
-        self.denoiser = TextConditionedDenoiser(self.model, self.text_encoder)
-        if not self.denoiser.uses_text:  # unused by an unconditional UNet: no grads, no DDP sync
-            self.text_encoder.requires_grad_(False)
-        if config.gradient_checkpointing:
-            self.model.unet.enable_gradient_checkpointing()
+        self._build_networks(text_encoder)
         self.rank, self.world_size = _world()
         self.net = self.denoiser
         if distributed:
@@ -161,6 +155,60 @@ class AdvancedDiffusionTrainer:
         self._window_nonfinite = False
         self._window_losses = []      # this accumulation window's micro-batch losses (floats)
 
+    def _build_networks(self, text_encoder: nn.Module | None) -> None:
+        """Set `denoiser`, the module the optimizer trains and the EMA averages: here the UNet
+        with its text encoder, and the frozen autoencoder of latent diffusion
+        (`latent_space`, None in pixel space; its scale is set by `fit_latent_scale`)."""
+        self.text_encoder = (text_encoder if text_encoder is not None
+                             else TextEncoder.from_config(self.config)).to(self.device)
+        self.tokenizer = self.text_encoder.tokenizer
+        self.denoiser = TextConditionedDenoiser(self.model, self.text_encoder)
+        if not self.denoiser.uses_text:  # unused by an unconditional UNet: no grads, no DDP sync
+            self.text_encoder.requires_grad_(False)
+        if self.config.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()
+        self.latent_space = None
+        if self.config.autoencoder is not None:
+            self.latent_space = LatentSpace.from_checkpoint(self.config.autoencoder)
+            self.latent_space.check_matches(self.config)
+            self.latent_space.to(self.device)
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the training images (the autoencoder's in latent diffusion)."""
+        return self.latent_space.image_channels if self.latent_space else self.config.in_channels
+
+    @property
+    def image_size(self) -> int:
+        """Side of the training images: sample_size, times f in latent diffusion."""
+        f = self.latent_space.downsampling_factor if self.latent_space else 1
+        return self.config.sample_size * f
+
+    def fit_latent_scale(self, dataset) -> dict | None:
+        """Latent diffusion: set the latent scale (and shift) from the first
+        latent_scale_images items of `dataset` (LDM's scale_by_std), unless a resumed
+        checkpoint already set it. Returns the fit's numbers, or None when nothing was done."""
+        if self.latent_space is None or self.latent_space.scale is not None:
+            return None
+        n = min(self.config.latent_scale_images, len(dataset))
+        images = torch.stack([dataset[i]["image"] for i in range(n)])
+        check_image_range(images, "the training images")
+        return self.latent_space.fit(images, shift=self.config.latent_shift)
+
+    def to_model_space(self, images: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """What the UNet is trained on: the images, or their scaled latents, a posterior
+        sample whose noise comes from `generator` (the trainer's own by default), drawn for
+        the global batch and sliced per rank like the diffusion noise."""
+        if self.latent_space is None:
+            return images
+        B, _, H, W = images.shape
+        f = self.latent_space.downsampling_factor
+        shape = (B * self.world_size, self.latent_space.latent_channels, H // f, W // f)
+        noise = torch.randn(shape, generator=generator or self.generator)
+        return self.latent_space.encode(images, noise=noise[self.rank::self.world_size].to(
+            images.device))
+
     def _new_ema(self) -> EMAModel:
         """An EMA of the denoiser's current weights, with the config's decay settings."""
         cfg = self.config
@@ -178,7 +226,7 @@ class AdvancedDiffusionTrainer:
         images, prompts = batch["images"], batch["prompts"]
         if isinstance(prompts, str):
             prompts = [prompts]
-        c = self.config.in_channels
+        c = self.image_channels
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != c:
             raise ValueError(f"batch['images'] must be a (B, {c}, H, W) tensor; got "
                              f"{getattr(images, 'shape', type(images).__name__)}")
@@ -223,9 +271,9 @@ class AdvancedDiffusionTrainer:
         skipped_steps.
         """
         images, prompts = self._check_batch(batch)
+        images = self.to_model_space(images.to(self.device, torch.float32))
         timesteps, noise, drop = self._global_draws(images.shape)
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        images = images.to(self.device, torch.float32)
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         accumulation = self.config.gradient_accumulation_steps
         update_now = (self._micro_step + 1) % accumulation == 0
@@ -324,6 +372,7 @@ class AdvancedDiffusionTrainer:
                     break
                 images, prompts = self._check_batch(batch)
                 g = torch.Generator().manual_seed(VALIDATION_SEED + b)
+                images = self.to_model_space(images.to(self.device, torch.float32), g)
                 B = images.shape[0]
                 timesteps = validation_timesteps(b, B, T)
                 noise = torch.randn(images.shape, generator=g)
@@ -360,8 +409,7 @@ class AdvancedDiffusionTrainer:
         return {
             "step": self.global_step,
             "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "text_encoder": self.text_encoder.state_dict(),
+            **self._network_states(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -372,6 +420,28 @@ class AdvancedDiffusionTrainer:
             "accumulation_window": window,
             "extra": extra or {},
         }
+
+    def _network_states(self) -> dict:
+        """The networks' entries of a checkpoint: the UNet ("model"), the text encoder and, in
+        latent diffusion, the latent space (autoencoder config and weights, scale, shift)."""
+        states = {"model": self.model.state_dict(),
+                  "text_encoder": self.text_encoder.state_dict()}
+        if self.latent_space is not None:
+            states["latent"] = self.latent_space.state_dict_for_checkpoint()
+        return states
+
+    def _load_network_states(self, state: dict) -> None:
+        """Load what `_network_states` wrote. A latent run resumes with the autoencoder and
+        scale it was trained with (stored in the checkpoint), whatever the file at
+        config.autoencoder now holds."""
+        if (self.latent_space is None) != (state.get("latent") is None):
+            raise ValueError("cannot resume: the checkpoint is a " + (
+                "pixel-space" if state.get("latent") is None else "latent") + " diffusion run "
+                f"and the config has autoencoder={self.config.autoencoder!r}")
+        self.model.load_state_dict(state["model"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        if self.latent_space is not None:
+            self.latent_space = LatentSpace.from_checkpoint_state(state["latent"]).to(self.device)
 
     def load_state_dict(self, state: dict) -> dict:
         """Restore from `state_dict()` output; returns its `extra` (e.g. the data position).
@@ -391,8 +461,7 @@ class AdvancedDiffusionTrainer:
                 f"the checkpoint was saved inside an accumulation window of "
                 f"gradient_accumulation_steps={saved.gradient_accumulation_steps}; resume it "
                 f"with that value (got {accumulation})")
-        self.model.load_state_dict(state["model"])
-        self.text_encoder.load_state_dict(state["text_encoder"])
+        self._load_network_states(state)
         if self.ema is not None and state["ema"] is None:
             warnings.warn(f"the checkpoint (step {int(state['step'])}) has no EMA weights (it was "
                           "saved with use_ema=False): the EMA starts from the loaded weights",

@@ -1,5 +1,14 @@
-"""Diffusion losses and training targets (a leaf package: it imports nothing from the project)."""
+"""Diffusion losses and training targets, and the autoencoder's losses (a leaf package: it
+imports nothing from the project)."""
 
+from .autoencoder import (
+    adaptive_gan_weight,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    psnr,
+    reconstruction_loss,
+    ssim,
+)
 from .functions import AdvancedLossFunctions, reduce
 from .targets import (
     PREDICTION_TYPES,
@@ -10,6 +19,12 @@ from .targets import (
 )
 
 __all__ = [
+    "adaptive_gan_weight",
+    "hinge_discriminator_loss",
+    "hinge_generator_loss",
+    "psnr",
+    "reconstruction_loss",
+    "ssim",
     "PREDICTION_TYPES",
     "AdvancedLossFunctions",
     "broadcast_to_sample",

@@ -1,5 +1,6 @@
 """The networks, a leaf package (imports nothing from the project): the UNet with its blocks,
-attention and timestep embedding, and the from-scratch byte-level text encoder."""
+attention and timestep embedding, the from-scratch byte-level text encoder, and the KL
+autoencoder of latent diffusion with its PatchGAN discriminator."""
 
 from .attention import (
     ATTENTION_BACKENDS,
@@ -11,6 +12,14 @@ from .attention import (
     SpatialTransformer,
     attention,
     explicit_attention,
+)
+from .autoencoder import (
+    AutoencoderKL,
+    DiagonalGaussian,
+    PatchDiscriminator,
+    blend_ramp,
+    tile_starts,
+    tiled_apply,
 )
 from .blocks import Downsample, Dropout, Normalize, ResBlock, Upsample, norm_groups
 from .cpu import (
@@ -28,6 +37,12 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "AdvancedUNet",
     "AttentionBlock",
+    "AutoencoderKL",
+    "DiagonalGaussian",
+    "PatchDiscriminator",
+    "blend_ramp",
+    "tile_starts",
+    "tiled_apply",
     "BasicTransformerBlock",
     "ByteTokenizer",
     "CrossAttention",

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .blocks import Dropout, Normalize
+from .blocks import MAX_NORM_GROUPS, Dropout, Normalize
 
 # "efficient" is what `enable_xformers_memory_efficient_attention` selects: PyTorch's
 # memory-efficient kernel where it exists (CUDA) and the fused flash kernel otherwise (the
@@ -269,10 +269,11 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
-                 dropout: float = 0.0, context_dim: int | None = None):
+                 dropout: float = 0.0, context_dim: int | None = None,
+                 max_groups: int = MAX_NORM_GROUPS):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, max_groups)
         self.proj_in = nn.Linear(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim)
@@ -293,9 +294,9 @@ class AttentionBlock(nn.Module):
     """Plain self-attention over the pixels of a feature map, no text (guided-diffusion):
     x + proj_out(attn(GroupNorm(x))). x: (B, C, H, W) -> (B, C, H, W)."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, max_groups: int = MAX_NORM_GROUPS):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, max_groups)
         self.attn = CrossAttention(channels, None, num_heads, channels // num_heads)
         # attn.to_out is the block's output projection, zero-initialised
 

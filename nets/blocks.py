@@ -24,9 +24,9 @@ def norm_groups(channels: int, max_groups: int = MAX_NORM_GROUPS) -> int:
     return math.gcd(channels, max_groups)
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    """GroupNorm with `norm_groups(channels)` groups (Wu & He 2018)."""
-    return nn.GroupNorm(norm_groups(channels), channels, eps=GROUP_NORM_EPS)
+def Normalize(channels: int, max_groups: int = MAX_NORM_GROUPS) -> nn.GroupNorm:
+    """GroupNorm with `norm_groups(channels, max_groups)` groups (Wu & He 2018)."""
+    return nn.GroupNorm(norm_groups(channels, max_groups), channels, eps=GROUP_NORM_EPS)
 
 
 class Dropout(nn.Module):
@@ -121,19 +121,23 @@ class ResBlock(nn.Module):
     so with one channel per group (out_channels <= 32, see norm_groups) the added embedding
     has no effect at all: the block warns.
 
-    x: (B, in_channels, H, W), emb: (B, emb_channels) -> (B, out_channels, H', W').
+    emb_channels=None builds the block without conditioning (the autoencoder's, LDM): emb is
+    then None and h = GN(h). max_groups caps the GroupNorm groups (norm_groups).
+
+    x: (B, in_channels, H, W), emb: (B, emb_channels) or None -> (B, out_channels, H', W').
     """
 
-    def __init__(self, in_channels: int, emb_channels: int, out_channels: int | None = None,
+    def __init__(self, in_channels: int, emb_channels: int | None,
+                 out_channels: int | None = None,
                  dropout: float = 0.0, use_scale_shift_norm: bool = True, up: bool = False,
-                 down: bool = False):
+                 down: bool = False, max_groups: int = MAX_NORM_GROUPS):
         super().__init__()
         if up and down:
             raise ValueError("ResBlock takes up=True or down=True, not both")
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, max_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         if up:
             self.resample = Upsample(in_channels, use_conv=False)
@@ -141,10 +145,11 @@ class ResBlock(nn.Module):
             self.resample = Downsample(in_channels, use_conv=False)
         else:
             self.resample = None
-        self.emb_proj = nn.Linear(emb_channels,
-                               2 * out_channels if use_scale_shift_norm else out_channels)
-        self.norm2 = Normalize(out_channels)
-        if not use_scale_shift_norm and self.norm2.num_groups == out_channels:
+        self.emb_proj = None if emb_channels is None else nn.Linear(
+            emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        self.norm2 = Normalize(out_channels, max_groups)
+        if emb_channels is not None and not use_scale_shift_norm \
+                and self.norm2.num_groups == out_channels:
             warnings.warn(f"ResBlock(out_channels={out_channels}, use_scale_shift_norm=False): "
                           f"GroupNorm has one channel per group here and removes the added "
                           f"timestep embedding entirely; use use_scale_shift_norm=True or "
@@ -154,11 +159,13 @@ class ResBlock(nn.Module):
         self.skip = (nn.Identity() if out_channels == in_channels
                      else nn.Conv2d(in_channels, out_channels, 1))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         h = F.silu(self.norm1(x))
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.conv1(h)  # (B, C_out, H, W)
+        if self.emb_proj is None:
+            return self.skip(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
         emb = rearrange(self.emb_proj(F.silu(emb)), "b c -> b c 1 1").to(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = emb.chunk(2, dim=1)  # each (B, C_out, 1, 1)

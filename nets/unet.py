@@ -32,7 +32,7 @@ from .attention import (
     check_mask_dtype,
     check_slice_size,
 )
-from .blocks import Downsample, Normalize, ResBlock, Upsample
+from .blocks import MAX_NORM_GROUPS, Downsample, Normalize, ResBlock, Upsample
 from .cpu import cpu_has_fast_low_precision
 from .embeddings import TimestepEmbedding, timesteps_as_batch
 from .levels import DownBlock, MidBlock, UpBlock
@@ -83,7 +83,8 @@ class UNet(nn.Module):
                  channel_mult=(1, 2, 4, 8), num_heads: int = 8,
                  use_spatial_transformer: bool = True, transformer_depth: int = 1,
                  context_dim: int | None = 768, use_scale_shift_norm: bool = True,
-                 pooled_text: bool = False, text_pooling: str = "mean"):
+                 pooled_text: bool = False, text_pooling: str = "mean",
+                 norm_groups: int = MAX_NORM_GROUPS):
         super().__init__()
         num_levels = len(channel_mult)
         widths = [model_channels * m for m in channel_mult]
@@ -107,13 +108,14 @@ class UNet(nn.Module):
         emb_dim = TIME_EMBED_MULT * model_channels
 
         def res(c_in, c_out):
-            return ResBlock(c_in, emb_dim, c_out, dropout, use_scale_shift_norm)
+            return ResBlock(c_in, emb_dim, c_out, dropout, use_scale_shift_norm,
+                            max_groups=norm_groups)
 
         def attn(channels):
             if use_spatial_transformer:
                 return SpatialTransformer(channels, num_heads, channels // num_heads,
-                                          transformer_depth, dropout, context_dim)
-            return AttentionBlock(channels, num_heads)
+                                          transformer_depth, dropout, context_dim, norm_groups)
+            return AttentionBlock(channels, num_heads, norm_groups)
 
         self.time_embedding = TimestepEmbedding(model_channels, emb_dim)
         # Optional: the prompt's pooled text state, projected, is added to the timestep
@@ -156,7 +158,7 @@ class UNet(nn.Module):
             upsample = Upsample(ch) if level > 0 else None
             self.up_blocks.append(UpBlock(resnets, attentions, upsample))
 
-        self.norm_out = Normalize(ch)
+        self.norm_out = Normalize(ch, norm_groups)
         self.act_out = nn.SiLU()
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)  # zero-initialised
         self._said_xformers = False  # enable_xformers_memory_efficient_attention says so once
@@ -174,7 +176,8 @@ class UNet(nn.Module):
             use_spatial_transformer=config.use_spatial_transformer,
             transformer_depth=config.transformer_depth, context_dim=config.context_dim,
             use_scale_shift_norm=config.use_scale_shift_norm,
-            pooled_text=config.pooled_text_conditioning, text_pooling=config.text_pooling)
+            pooled_text=config.pooled_text_conditioning, text_pooling=config.text_pooling,
+            norm_groups=config.norm_groups)
 
     @property
     def downsampling_factor(self) -> int:

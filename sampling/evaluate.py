@@ -23,6 +23,12 @@ feature space of a small net trained on the real images, each beside its floor):
     python -m sampling.evaluate --checkpoint C --data-dir REAL [--num-images 1000] [--seed N]
         [--cache-dir DIR] [--steps N] [--guidance-scale G] [--sampler S] [--untrained] ...
 
+An autoencoder checkpoint (stage=autoencoder) gets its reconstruction PSNR and SSIM instead
+(sampling/reconstruction.py), on held-out shapes images or on --data-dir's images:
+
+    python -m sampling.evaluate --checkpoint runs/shapes_autoencoder/last.pt [--data-dir D]
+        [--num-images N]
+
 The first compares two folders (FAKE's captions, from its metadata.jsonl as sample.py writes
 it, are the prompts); the second samples --num-images images with prompts drawn as often as
 the real captions are, image i from seed --seed + i. Both print a table and one JSON line
@@ -51,6 +57,11 @@ from .cli import (
 )
 from .images import make_grid
 from .pipeline import AdvancedDiffusionPipeline
+from .reconstruction import (
+    evaluate_autoencoder,
+    format_reconstruction_table,
+    is_autoencoder_checkpoint,
+)
 from .reference import compare_folders, evaluate_pipeline, real_reference
 from .shapes_checker import shapes_adherence
 
@@ -139,8 +150,9 @@ SHAPES_DISTANCE_KEYS = ("fd", "fd_floor", "kid", "kid_std", "kid_floor", "real_a
 
 def shapes_distances(config, images: torch.Tensor, prompts: list[str], cache_dir) -> dict:
     """FD, KID (with floors) and the feature net's caption adherence of shapes samples (images
-    in [0, 1]) against the ShapesDataset the config trains on (sampling/reference.py)."""
-    real = ShapesDataset(sample_size=config.sample_size, seed=config.seed)
+    in [0, 1]) against the ShapesDataset the config trains on (sampling/reference.py), at the
+    images' own size (a latent model's are sample_size x f)."""
+    real = ShapesDataset(sample_size=images.shape[-1], seed=config.seed)
     return real_reference(real, cache_dir=cache_dir).score(images * 2 - 1, prompts)
 
 
@@ -235,8 +247,8 @@ def folder_main(args, mode: str) -> int:
                 torch.manual_seed(config.seed)
                 pipeline = AdvancedDiffusionPipeline(config, device=args.device)
             settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
-            real = ImageFolderDataset(args.data_dir, config.sample_size,
-                                      in_channels=config.in_channels)
+            real = ImageFolderDataset(args.data_dir, pipeline.image_size,
+                                      in_channels=pipeline.image_channels)
             result = evaluate_pipeline(pipeline, real, num_images=args.num_images or
                                        DEFAULT_NUM_IMAGES, seed=seed, cache_dir=args.cache_dir,
                                        batch_size=args.batch_size,
@@ -248,10 +260,30 @@ def folder_main(args, mode: str) -> int:
     return 0
 
 
+def autoencoder_main(args) -> int:
+    """--checkpoint AE.pt [--data-dir D] [--num-images N]: reconstruction PSNR and SSIM."""
+    refused = [flag for flag, name in SHAPES_ONLY + SAMPLING_ONLY
+               if getattr(args, name) is not None and getattr(args, name) is not False]
+    for flag in refused:
+        sys.exit(f"{PROG}: {flag} does not apply to an autoencoder checkpoint (reconstruction "
+                 "evaluation); see --help")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        sys.exit(f"{PROG}: --data-dir {args.data_dir!r} is not a folder")
+    with exit_on_error(PROG):
+        result = evaluate_autoencoder(args.checkpoint, args.data_dir, args.num_images,
+                                      args.batch_size, args.device)
+    print(format_reconstruction_table(result))
+    print(json.dumps({"checkpoint": str(args.checkpoint), **result}))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()
     with exit_on_error(PROG):
+        if args.checkpoint and not args.real_dir and Path(args.checkpoint).is_file() \
+                and is_autoencoder_checkpoint(args.checkpoint):
+            return autoencoder_main(args)
         mode = evaluation_mode(args)
     if mode != "shapes":
         return folder_main(args, mode)
@@ -261,9 +293,9 @@ def main(argv=None):
         pipeline = AdvancedDiffusionPipeline.from_checkpoint(
             args.checkpoint, use_ema=not args.no_ema, device=args.device)
     config = pipeline.config
-    if config.in_channels != 3:  # before sampling: the checker reads colour
+    if pipeline.image_channels != 3:  # before sampling: the checker reads colour
         sys.exit(f"{PROG}: the shapes checker scores RGB images; {args.checkpoint} holds a "
-                 f"model of in_channels={config.in_channels}")
+                 f"model of {pipeline.image_channels}-channel images")
     if config.dataset != "shapes":
         print(f"{PROG}: warning: {args.checkpoint} was trained on dataset="
               f"{config.dataset!r}; the score measures the shapes captions only",

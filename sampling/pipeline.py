@@ -3,8 +3,11 @@ text encoder (prompts -> text encoder -> guided model function -> `sample` -> `d
 and the checks of its inputs. Tensors <-> PIL images and grids are sampling/images.py; the
 scripts' argument helpers are sampling/cli.py, which this module does not import.
 
-This codebase works in pixel space: there is no VAE, "latents" are the images themselves in
-[-1, 1], and `decode_latents` only rescales them to [0, 1].
+In pixel space "latents" are the images themselves in [-1, 1] and `decode_latents` only
+rescales them to [0, 1]. A latent diffusion pipeline (`latent_space`, a diffusion.LatentSpace:
+the frozen autoencoder with its scale) samples latents of (height / f, width / f), decodes them
+with the autoencoder (one image at a time after `enable_vae_slicing`, in overlapping tiles
+after `enable_vae_tiling`) and encodes init images for image-to-image.
 """
 
 import warnings
@@ -15,7 +18,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffusion import AdvancedScheduler, DiffusionConfig, load_checkpoint_file, randn_like
+from diffusion import (
+    AdvancedScheduler,
+    DiffusionConfig,
+    LatentSpace,
+    load_checkpoint_file,
+    randn_like,
+)
 from diffusion.checkpoint import MODEL_FIELDS, CheckpointError, config_from_checkpoint
 from diffusion.config import MAX_SEED
 from diffusion.images import check_image_range
@@ -113,9 +122,12 @@ def _config_differences(config: DiffusionConfig, unet, text_encoder, scheduler) 
             if value != getattr(config, name)]
 
 
-def decode_latents(latents: torch.Tensor) -> torch.Tensor:
-    """Model space -> images in [0, 1]. In pixel space this is (x + 1) / 2, clamped."""
-    return ((latents.float() + 1) / 2).clamp(0, 1)
+def decode_latents(latents: torch.Tensor, latent_space: LatentSpace | None = None) -> torch.Tensor:
+    """Model space -> images in [0, 1]: (x + 1) / 2, clamped, after decoding with
+    `latent_space` (the autoencoder and its scale) when given; in pixel space the latents are
+    the images."""
+    images = latent_space.decode(latents) if latent_space is not None else latents
+    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 @contextmanager
@@ -141,13 +153,22 @@ class AdvancedDiffusionPipeline:
 
     The modules it builds are in eval mode. A unet or text encoder passed in keeps its mode:
     generation switches them to eval mode for its own duration only (see `eval_mode`).
+    latent_space: the diffusion.LatentSpace of a latent diffusion model; a config with
+    `autoencoder` set needs one (from_checkpoint and from_trainer pass it).
     """
 
     def __init__(self, config: DiffusionConfig, unet=None, text_encoder=None,
-                 scheduler: AdvancedScheduler | None = None, device=None):
+                 scheduler: AdvancedScheduler | None = None, device=None,
+                 latent_space: LatentSpace | None = None):
         if not isinstance(config, DiffusionConfig):
             raise TypeError(f"config must be a DiffusionConfig; got {type(config).__name__}")
         config.validate()
+        if config.autoencoder is not None and latent_space is None:
+            raise ValueError(f"the config has autoencoder={config.autoencoder!r}: pass "
+                             "latent_space (the autoencoder with the latent scale it was "
+                             "trained with), or load the pipeline with from_checkpoint")
+        if latent_space is not None:
+            latent_space.check_matches(config)
         differences = _config_differences(config, unet, text_encoder, scheduler)
         if differences:
             raise ValueError("the unet, text_encoder or scheduler was built with another "
@@ -162,6 +183,7 @@ class AdvancedDiffusionPipeline:
             next(self.unet.parameters()).device
         self.unet.to(self.device)
         self.text_encoder.to(self.device)
+        self.latent_space = latent_space.to(self.device) if latent_space is not None else None
         self._cpu_offload = False
         self._batched_guidance = True
         self._said = set()
@@ -175,7 +197,7 @@ class AdvancedDiffusionPipeline:
         """A pipeline over an AdvancedDiffusionTrainer's modules, on its device, with the weights
         they hold when it is called (inside `trainer.ema_weights()`: the EMA's)."""
         return cls(trainer.config, trainer.model, trainer.text_encoder, trainer.noise_scheduler,
-                   device=trainer.device)
+                   device=trainer.device, latent_space=trainer.latent_space)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, use_ema: bool = True, device=None):
@@ -185,6 +207,18 @@ class AdvancedDiffusionPipeline:
             device = parse_device(device)
         state = load_checkpoint_file(path)
         config = config_from_checkpoint(state, path)
+        if config.stage == "autoencoder":
+            raise CheckpointError(f"{path} is an autoencoder checkpoint (stage='autoencoder'); "
+                                  "a pipeline needs a diffusion checkpoint (score an "
+                                  "autoencoder with python -m sampling.evaluate --checkpoint "
+                                  "AE.pt --data-dir D)")
+        latent_space = None
+        if config.autoencoder is not None:
+            if state.get("latent") is None:
+                raise CheckpointError(f"{path}: the config names autoencoder="
+                                      f"{config.autoencoder!r} but the checkpoint holds no "
+                                      "latent space")
+            latent_space = LatentSpace.from_checkpoint_state(state["latent"], path)
         unet, text_encoder = AdvancedUNet(config).eval(), TextEncoder.from_config(config).eval()
         unet.load_state_dict(state["model"])
         text_encoder.load_state_dict(state["text_encoder"])
@@ -203,7 +237,34 @@ class AdvancedDiffusionPipeline:
             with torch.no_grad():
                 for name, value in shadow.items():
                     params[name].copy_(value)
-        return cls(config, unet, text_encoder, device=device)
+        return cls(config, unet, text_encoder, device=device, latent_space=latent_space)
+
+    # ---- image space ----
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel along each side: the autoencoder's f, 1 in pixel space."""
+        return self.latent_space.downsampling_factor if self.latent_space else 1
+
+    @property
+    def image_size(self) -> int:
+        """Default height and width of the images: sample_size times latent_factor."""
+        return self.config.sample_size * self.latent_factor
+
+    @property
+    def image_channels(self) -> int:
+        return self.latent_space.image_channels if self.latent_space else self.config.in_channels
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, in_channels, h, w) -> images (B, image_channels, h f, w f) in [0, 1]."""
+        return decode_latents(latents, self.latent_space)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> model space: the scaled posterior mean (latent diffusion), or
+        the images themselves."""
+        if self.latent_space is None:
+            return images
+        return self.latent_space.encode(images.to(self.device), sample=False)
 
     # ---- memory toggles ----
 
@@ -218,10 +279,30 @@ class AdvancedDiffusionPipeline:
         up to float rounding)."""
         self.unet.enable_attention_slicing(slice_size)
 
+    def _autoencoder(self, toggle: str):
+        """The latent space's autoencoder, or None with a note (pixel space has none)."""
+        if self.latent_space is None:
+            self._say_once("vae", f"{toggle}: this pipeline works in pixel space (no VAE), so "
+                                  "there is nothing to slice or tile; nothing changed", 4)
+            return None
+        return self.latent_space.autoencoder
+
     def enable_vae_slicing(self) -> None:
-        """Pixel space has no VAE: decoding is a rescale with nothing to slice; says so."""
-        self._say_once("vae", "enable_vae_slicing: this pipeline works in pixel space (no VAE), "
-                              "so there is nothing to slice; nothing changed")
+        """Decode (and encode) a batch one image at a time: the same images, less memory.
+        Pixel space has no VAE: says so and changes nothing."""
+        autoencoder = self._autoencoder("enable_vae_slicing")
+        if autoencoder is not None:
+            autoencoder.enable_slicing()
+
+    def enable_vae_tiling(self, tile_size: int | None = None, overlap: int | None = None) -> None:
+        """Decode and encode in overlapping tiles of tile_size pixels (default: the training
+        image size) blended linearly over `overlap` pixels (default: a quarter tile), so a
+        large image never passes through the autoencoder whole (nets.autoencoder.tiled_apply).
+        Pixel space has no VAE: says so and changes nothing."""
+        autoencoder = self._autoencoder("enable_vae_tiling")
+        if autoencoder is not None:
+            tile_size = self.image_size if tile_size is None else tile_size
+            autoencoder.enable_tiling(tile_size, tile_size // 4 if overlap is None else overlap)
 
     def enable_model_cpu_offload(self) -> None:
         """Keep the text encoder and UNet on the CPU and move each to the accelerator only
@@ -253,12 +334,15 @@ class AdvancedDiffusionPipeline:
     # ---- generation ----
 
     def _check_size(self, height: int, width: int) -> None:
-        factor = self.unet.unet.downsampling_factor
+        factor = self.unet.unet.downsampling_factor * self.latent_factor
+        what = "the network's total downsampling" if self.latent_space is None else \
+            (f"the autoencoder's f={self.latent_factor} times the UNet's downsampling "
+             f"{self.unet.unet.downsampling_factor}, i.e.")
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < factor \
                     or value % factor:
-                raise ValueError(f"{name}={value!r} must be a positive multiple of the "
-                                 f"network's total downsampling {factor}")
+                raise ValueError(f"{name}={value!r} must be a positive multiple of {what} "
+                                 f"{factor}")
 
     def settings(self, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, sampler: str | None = None,
@@ -299,10 +383,11 @@ class AdvancedDiffusionPipeline:
         samplers (ddpm, euler_ancestral, ddim with eta > 0), from its own CPU generator seeded
         seeds[i], so it does not depend on the rest of the batch: generating (prompt_i,
         seed_i) alone gives the same image (up to float rounding of batched kernels).
-        Settings left None come from the config (see `settings`). init_images:
-        (B, in_channels, height, width) in [-1, 1] for image-to-image (SDEdit, Meng et al.
-        2022): the images are noised to the first of the `strength` fraction of timesteps that
-        remain and denoised from there.
+        Settings left None come from the config (see `settings`). height and width are in
+        image pixels (default image_size); a latent model samples (height / f, width / f)
+        latents. init_images: (B, image_channels, height, width) in [-1, 1] for image-to-image
+        (SDEdit, Meng et al. 2022): the images (their latents) are noised to the first of the
+        `strength` fraction of timesteps that remain and denoised from there.
         """
         cfg = self.config
         strength = check_strength(strength)
@@ -319,12 +404,14 @@ class AdvancedDiffusionPipeline:
         for i, seed in enumerate(seeds):
             check_seed(seed, name=f"seeds[{i}]")
         _check_negative_prompt(negative_prompt)
-        height = cfg.sample_size if height is None else height
-        width = cfg.sample_size if width is None else width
+        height = self.image_size if height is None else height
+        width = self.image_size if width is None else width
         self._check_size(height, width)
-        shape = (len(prompts), cfg.in_channels, height, width)
+        f = self.latent_factor
+        shape = (len(prompts), cfg.in_channels, height // f, width // f)
         if init_images is not None:
-            init_images = self._check_init_images(init_images, shape)
+            init_images = self._check_init_images(
+                init_images, (len(prompts), self.image_channels, height, width))
         resolved = self.settings(num_inference_steps, guidance_scale, sampler, eta,
                                  guidance_rescale)
         num_inference_steps = resolved["num_inference_steps"]
@@ -336,8 +423,9 @@ class AdvancedDiffusionPipeline:
         if init_images is not None and strength < 1:
             timesteps = self.scheduler.img2img_timesteps(strength)
             if len(timesteps) == 0:
-                return decode_latents(init_images)
-            x_T = self.scheduler.add_noise(init_images.to(self.device), timesteps[0], noise=x_T)
+                return decode_latents(init_images)  # the input images themselves
+            x_T = self.scheduler.add_noise(self.encode_images(init_images.to(self.device)),
+                                           timesteps[0], noise=x_T)
         # eval mode (dropout off) for this generation only: a caller's modules keep their mode
         with eval_mode(self.unet, self.text_encoder):
             unet = self._on_device(self.unet)
@@ -362,7 +450,7 @@ class AdvancedDiffusionPipeline:
                             num_inference_steps=num_inference_steps, eta=resolved["eta"],
                             generator=generators, callback=callback, timesteps=timesteps)
             self._off_device(unet)
-            return decode_latents(x0)
+            return self.decode_latents(x0)
 
     @staticmethod
     def _check_init_images(init_images, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -376,7 +464,7 @@ class AdvancedDiffusionPipeline:
         if tuple(init_images.shape) != shape:
             raise ValueError(
                 f"init_images has shape {tuple(init_images.shape)}; expected {shape}: one "
-                f"(in_channels={shape[1]}, height={shape[2]}, width={shape[3]}) image per "
+                f"(channels={shape[1]}, height={shape[2]}, width={shape[3]}) image per "
                 f"prompt, {shape[0]} prompts")
         check_image_range(init_images, "init_images")
         return init_images.float()
@@ -420,7 +508,7 @@ class AdvancedDiffusionPipeline:
         same images generated one by one. Settings left None come from the config (the
         guide's defaults are 50 steps, guidance 7.5).
         """
-        check_pil_channels(self.config.in_channels)
+        check_pil_channels(self.image_channels)
         prompts = _prompt_list(prompt, "prompt", one_allowed=True)
         if not prompts:
             raise ValueError("prompt is an empty list; pass at least one prompt")
@@ -447,17 +535,17 @@ class AdvancedDiffusionPipeline:
         strength 1 is plain text-to-image. prompt and negative_prompt: one str each (None for
         no negative prompt); seed and generator as in `generate_image`. Settings left None
         come from the config."""
-        check_pil_channels(self.config.in_channels)
+        check_pil_channels(self.image_channels)
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
         if isinstance(image, (str, Path)):
             image = open_image(image, "image path")
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image or a path; got {type(image).__name__}")
-        height = self.config.sample_size if height is None else height
-        width = self.config.sample_size if width is None else width
+        height = self.image_size if height is None else height
+        width = self.image_size if width is None else width
         self._check_size(height, width)
-        init = from_pil(image, self.config.in_channels, size=(width, height))
+        init = from_pil(image, self.image_channels, size=(width, height))
         self._check_num_images(num_images)
         init = init.expand(num_images, -1, -1, -1)
         images = self.generate([prompt] * num_images, self._seeds(num_images, seed, generator),

@@ -249,7 +249,7 @@ def evaluate_pipeline(pipeline, real_dataset, *, num_images: int, seed: int = 0,
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     reference = real_reference(real_dataset, seed=seed, cache_dir=cache_dir)
-    channels = pipeline.config.in_channels
+    channels = pipeline.image_channels
     if channels != reference.settings.channels:
         raise ValueError(f"the pipeline makes in_channels={channels} images but the real images "
                          f"have {reference.settings.channels} channels")

@@ -379,7 +379,7 @@ def test_per_call_settings_are_validated_like_the_config(pipeline, kwargs, error
 @pytest.mark.parametrize("prompts, init, kwargs, message", [
     (["a red circle"], torch.zeros(1, 3, 8, 8), {},
      r"init_images has shape \(1, 3, 8, 8\); expected \(1, 3, 16, 16\): one "
-     r"\(in_channels=3, height=16, width=16\) image per prompt, 1 prompts"),
+     r"\(channels=3, height=16, width=16\) image per prompt, 1 prompts"),
     (["a red circle"], torch.zeros(1, 3, 16, 16), dict(height=32),
      r"init_images has shape \(1, 3, 16, 16\); expected \(1, 3, 32, 16\).*height=32"),
     (["a red circle", "a blue square"], torch.zeros(1, 3, 16, 16), dict(strength=0.0),
