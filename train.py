@@ -16,14 +16,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from diffusion import DiffusionConfig, parse_overrides
+from diffusion import DiffusionConfig, build_trainer, parse_overrides
 from diffusion.data import GlobalBatchSampler, build_dataset, collate, default_sample_prompts
 from diffusion.progress import Progress
 from diffusion.run import StopFlag, TrainingRun, setup_distributed
-from diffusion.autoencoder_trainer import AutoencoderTrainer, build_trainer
 from nets import keep_freed_memory
-from sampling import AdvancedDiffusionPipeline, make_grid
-from sampling.reference import evaluate_pipeline
+from sampling.training_views import evaluate_during_training, sample_grid
 
 
 def parse_args(argv=None):
@@ -61,41 +59,16 @@ def setup(args):
                       is_main=rank == 0)
     fit = trainer.fit_latent_scale(dataset)  # latent diffusion, fresh run: LDM's scale_by_std
     if fit and run.is_main:
-        print(f"latent scale {fit['scale']:.4f}, shift {fit['shift']:.4f} (latent std "
-              f"{fit['std']:.4f}, mean {fit['mean']:.4f} over {config.latent_scale_images} "
-              "images)", file=sys.stderr)
+        print("latent scale {scale:.4f}, shift {shift:.4f} (latent std {std:.4f}, mean "
+              "{mean:.4f})".format(**fit), file=sys.stderr)
     run.open()
     return config, dataset, trainer, run
 
 
 def save_samples(trainer, run, prompts, dataset):
-    """A grid of the EMA model's images for fixed prompts and seeds 0..n-1; for an
-    autoencoder, the first len(prompts) training images above their reconstructions."""
-    with trainer.ema_weights():
-        if isinstance(trainer, AutoencoderTrainer):
-            originals = collate([dataset[i] for i in range(len(prompts))])["images"]
-            images = (torch.cat([originals, trainer.reconstruct(originals).cpu()]) + 1) / 2
-            prompts = None
-        else:
-            images = AdvancedDiffusionPipeline.from_trainer(trainer).generate(
-                prompts, list(range(len(prompts))))
     path = run.dir / "samples" / f"step_{trainer.global_step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, prompts, columns=len(images) // 2 if prompts is None else None).save(path)
-
-
-def evaluate(trainer, dataset) -> dict:
-    """FD, KID and caption adherence of the EMA model's images against the training data; for
-    an autoencoder, the reconstruction PSNR and SSIM of the first eval_num_images images."""
-    with trainer.ema_weights():
-        if isinstance(trainer, AutoencoderTrainer):
-            first = torch.utils.data.Subset(dataset, range(min(len(dataset),
-                                                               trainer.config.eval_num_images)))
-            return trainer.validate(torch.utils.data.DataLoader(
-                first, batch_size=trainer.config.batch_size, collate_fn=collate))
-        return evaluate_pipeline(AdvancedDiffusionPipeline.from_trainer(trainer), dataset,
-                                 num_images=trainer.config.eval_num_images,
-                                 seed=trainer.config.seed)
+    sample_grid(trainer, prompts, dataset).save(path)
 
 
 def main(argv=None):
@@ -129,7 +102,7 @@ def main(argv=None):
                 if step % config.sample_every == 0 and run.is_main:
                     save_samples(trainer, run, prompts, dataset)
                 if config.eval_every and step % config.eval_every == 0 and run.is_main:
-                    run.log_eval(evaluate(trainer, dataset))
+                    run.log_eval(evaluate_during_training(trainer, dataset))
             stop.sync(trainer.device)
             if step >= config.max_steps or stop.stopping(trainer):
                 break

@@ -20,15 +20,15 @@ import difflib
 import functools
 import json
 import math
-import re
 import types
 import typing
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from .yaml_io import YamlDumper, load_yaml, yaml_problem
 
 BETA_SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -43,44 +43,6 @@ DATASETS = ("shapes", "folder")
 STAGES = ("diffusion", "autoencoder")
 # Largest seed: the signed 64-bit range, which torch's and numpy's seeding accept.
 MAX_SEED = 2**63 - 1
-
-# YAML 1.1 reads `1e-4` as a string; researchers write learning rates that way, so our loader
-# reads it as a float and our dumper quotes a string that looks like one (else a config.yaml
-# with output_dir='2e-4' would not load back).
-_FLOAT_TAG, _MERGE_TAG = "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge"
-_SCIENTIFIC_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float and refuses duplicate keys (YAML keeps the last
-    one silently, so `max_steps: 5` ... `max_steps: 7` would run 7 steps without a word)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:  # `<<: *base` may be overridden key by key
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):  # SafeLoader says "found unhashable key"
-                continue
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _YamlDumper(yaml.SafeDumper):
-    """SafeDumper that quotes the strings _YamlLoader would read as floats."""
-
-
-_YamlLoader.add_implicit_resolver(_FLOAT_TAG, _SCIENTIFIC_FLOAT, list("-+0123456789."))
-_YamlDumper.add_implicit_resolver(_FLOAT_TAG, _SCIENTIFIC_FLOAT, list("-+0123456789."))
-
-
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_YamlLoader)
-
 
 def _field(default, help, *, choices=None, low=None, high=None, low_inclusive=True,
            high_inclusive=True):
@@ -369,7 +331,7 @@ class DiffusionConfig:
         return cls(**data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.dump(self.to_dict(), Dumper=_YamlDumper, sort_keys=False)
+        text = yaml.dump(self.to_dict(), Dumper=YamlDumper, sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -379,9 +341,9 @@ class DiffusionConfig:
         """Build from a YAML file; a syntax error or a duplicate key is a ValueError naming
         the file and the line."""
         try:
-            data = _load_yaml(Path(path).read_text())
+            data = load_yaml(Path(path).read_text())
         except yaml.YAMLError as err:
-            raise ValueError(f"cannot read config file {str(path)!r}: {_yaml_problem(err)}") \
+            raise ValueError(f"cannot read config file {str(path)!r}: {yaml_problem(err)}") \
                 from None
         if data is None:  # an empty file: the defaults
             data = {}
@@ -439,19 +401,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         elif "," in raw and not raw.startswith("["):
             raw = "[" + raw + "]"
         try:
-            out[key] = _load_yaml(raw) if raw else ""
+            out[key] = load_yaml(raw) if raw else ""
         except yaml.YAMLError as err:
             raise ValueError(f"cannot parse the value of override {pair!r}: {err}") from None
     return out
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error as one line with its positions, without PyYAML's '<unicode string>'."""
-    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
-        return str(err)
-    parts = [(err.context, err.context_mark), (err.problem, err.problem_mark)]
-    return ": ".join(f"{text} (line {mark.line + 1}, column {mark.column + 1})"
-                     for text, mark in parts if text and mark)
 
 
 # ---- field checking ----

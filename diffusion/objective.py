@@ -8,6 +8,7 @@ the guide's additions).
 target is eps, x0 or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 as `prediction_type` says, and
 w_b the min-SNR-gamma weight (Hang et al. 2023) when `snr_gamma` is set, else 1. The trainer
 (trainer.py) averages over the batch and adds accumulation, clipping, AdamW and EMA around it.
+The seeds of the dropout masks and the stratified timesteps of validation are here too.
 """
 
 from collections.abc import Callable
@@ -16,7 +17,10 @@ import torch
 
 from losses import AdvancedLossFunctions, min_snr_weight, training_target
 
+from .data import derived_seed
 from .scheduler import AdvancedScheduler
+
+GOLDEN_FRACTION = (5 ** 0.5 - 1) / 2  # rotates the validation strata from batch to batch
 
 
 def draw_training_noise(generator: torch.Generator, shape: torch.Size, config, *,
@@ -67,3 +71,21 @@ def training_losses(model: Callable, scheduler: AdvancedScheduler, x0: torch.Ten
         weight = min_snr_weight(abar / (1 - abar), config.snr_gamma, config.prediction_type)
         loss = loss * weight.to(loss.device, loss.dtype)
     return loss
+
+
+def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
+    """The torch seed of one micro-batch's dropout masks on one rank. Dropout draws from the
+    global torch RNG, which every rank seeds alike (same initial weights): seeding it per
+    (seed, micro-step, rank) gives each rank and step its own masks, and a resumed run (which
+    restores the micro-step count) the same ones."""
+    return derived_seed(seed, micro_step, rank)
+
+
+def validation_timesteps(batch_index: int, batch_size: int, T: int) -> torch.Tensor:
+    """Stratified timesteps for validation batch `batch_index`: sample i lies in the stratum
+    [i T / B, (i + 1) T / B), at an offset within the strata that moves by the golden ratio
+    from batch to batch, so even batches of one cover [0, T-1] (a plain linspace put every
+    sample of a one-sample batch at t = 0)."""
+    offset = (batch_index * GOLDEN_FRACTION) % 1.0
+    strata = torch.arange(batch_size, dtype=torch.float64) + offset
+    return (strata * T / batch_size).floor().long()

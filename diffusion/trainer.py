@@ -13,7 +13,6 @@ micro-batch and rank (dropout_seed): independent across ranks, the same again on
 """
 
 import math
-import os
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,17 +32,21 @@ from .checkpoint import (
     load_checkpoint_file,
 )
 from .config import DiffusionConfig
-from .data import derived_seed
+from .devices import autocast_dtype, use_deterministic_algorithms, world
 from .ema import EMAModel
 from .images import check_image_range
 from .latent import LatentSpace
-from .objective import draw_training_noise, training_losses
+from .objective import (
+    draw_training_noise,
+    dropout_seed,
+    training_losses,
+    validation_timesteps,
+)
 from .optim import FUSED_ADAMW_DEVICES, get_scheduler, lr_factor, parameter_groups
 from .scheduler import AdvancedScheduler
 
 # Seed of the fixed timesteps/noise that make validation losses comparable across runs.
 VALIDATION_SEED = 1234
-GOLDEN_FRACTION = (5 ** 0.5 - 1) / 2  # rotates the validation strata from batch to batch
 # What load_state_dict reads from a checkpoint, "outer.inner" for nested keys (state_dict
 # writes them all); a file without one is not a complete trainer checkpoint.
 REQUIRED_CHECKPOINT_KEYS = (
@@ -52,59 +55,8 @@ REQUIRED_CHECKPOINT_KEYS = (
 )
 
 
-def use_deterministic_algorithms() -> None:
-    """Deterministic kernels from here on, process-wide (config.deterministic).
-
-    Some CUDA kernels sum in whatever order their threads arrive (PyTorch's reproducibility
-    notes name cuDNN's convolution algorithms among others), so two identical runs differ in
-    the last bits, and the difference grows with training.
-    torch.use_deterministic_algorithms picks ordered kernels instead; cuBLAS needs a fixed
-    workspace for it (CUBLAS_WORKSPACE_CONFIG, read when CUDA first multiplies: set it in the
-    environment to be sure), and cuDNN's benchmark mode, which picks algorithms by timing
-    them, stays off. warn_only: an op without a deterministic kernel warns rather than
-    stopping the run.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-
-
-def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
-    """The torch seed of one micro-batch's dropout masks on one rank. Dropout draws from the
-    global torch RNG, which every rank seeds alike (same initial weights): seeding it per
-    (seed, micro-step, rank) gives each rank and step its own masks, and a resumed run (which
-    restores the micro-step count) the same ones."""
-    return derived_seed(seed, micro_step, rank)
-
-
-def validation_timesteps(batch_index: int, batch_size: int, T: int) -> torch.Tensor:
-    """Stratified timesteps for validation batch `batch_index`: sample i lies in the stratum
-    [i T / B, (i + 1) T / B), at an offset within the strata that moves by the golden ratio
-    from batch to batch, so even batches of one cover [0, T-1] (a plain linspace put every
-    sample of a one-sample batch at t = 0)."""
-    offset = (batch_index * GOLDEN_FRACTION) % 1.0
-    strata = torch.arange(batch_size, dtype=torch.float64) + offset
-    return (strata * T / batch_size).floor().long()
-
-
 class NonFiniteLossError(RuntimeError):
     """Raised after config.max_nonfinite_steps consecutive NaN/Inf steps."""
-
-
-def autocast_dtype(mixed_precision, device: torch.device) -> torch.dtype | None:
-    """None (full precision), torch.bfloat16 or torch.float16 for config.mixed_precision:
-    True means bf16 on the CPU and fp16 on CUDA."""
-    if mixed_precision in (False, "no"):
-        return None
-    if mixed_precision is True:
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class AdvancedDiffusionTrainer:
@@ -129,7 +81,7 @@ class AdvancedDiffusionTrainer:
             next(model.parameters()).device
         self.model = model.to(self.device)
         self._build_networks(text_encoder)
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         self.net = self.denoiser
         if distributed:
             if not dist.is_initialized():

@@ -1,7 +1,8 @@
 """AdvancedDiffusionPipeline: text-to-image and image-to-image with a trained (or fresh) UNet and
-text encoder (prompts -> text encoder -> guided model function -> `sample` -> `decode_latents`),
-and the checks of its inputs. Tensors <-> PIL images and grids are sampling/images.py; the
-scripts' argument helpers are sampling/cli.py, which this module does not import.
+text encoder (prompts -> text encoder -> guided model function -> `sample` -> `decode_latents`).
+The checks of its inputs are sampling/inputs.py; tensors <-> PIL images and grids are
+sampling/images.py; the scripts' argument helpers are sampling/cli.py, which this module does
+not import.
 
 In pixel space "latents" are the images themselves in [-1, 1] and `decode_latents` only
 rescales them to [0, 1]. A latent diffusion pipeline (`latent_space`, a diffusion.LatentSpace:
@@ -12,7 +13,6 @@ after `enable_vae_tiling`) and encodes init images for image-to-image.
 
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,101 +25,24 @@ from diffusion import (
     load_checkpoint_file,
     randn_like,
 )
-from diffusion.checkpoint import MODEL_FIELDS, CheckpointError, config_from_checkpoint
-from diffusion.config import MAX_SEED
+from diffusion.checkpoint import CheckpointError, config_from_checkpoint
 from diffusion.images import check_image_range
 from diffusion.scheduler import check_strength
 from nets import AdvancedUNet, TextConditionedDenoiser, TextEncoder, prepacked_for_cpu_inference
 
 from .images import check_pil_channels, from_pil, open_image, to_pil
+from .inputs import (
+    check_generator,
+    check_negative_prompt,
+    check_seed,
+    config_differences,
+    eval_mode,
+    parse_device,
+    prompt_list,
+)
 from .samplers import check_sampler, guided_model_fn, sample
 
 DEFAULT_STRENGTH = 0.8  # image-to-image: the guide's generate_variations example
-
-
-def parse_device(name: str | torch.device) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:N' (or a torch.device) -> torch.device; ValueError naming what
-    is allowed."""
-    if isinstance(name, torch.device):
-        name = str(name)
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={name!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: this machine has no CUDA GPU; use 'cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r}: only 'cpu' and 'cuda' are supported")
-    return device
-
-
-def check_seed(seed, count: int = 1, name: str = "seed") -> None:
-    """The seed of `count` images, image i using seed + i: an int with 0 <= seed and
-    seed + count - 1 <= MAX_SEED (the DiffusionConfig seed field's range); TypeError or
-    ValueError naming `name` and the value otherwise."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name}={seed!r} must be int")
-    high = MAX_SEED - (count - 1)
-    if not 0 <= seed <= high:
-        each = f" (image i of {count} uses {name} + i, at most 2**63 - 1)" if count > 1 else ""
-        raise ValueError(f"{name}={seed!r} is out of range; allowed: 0 <= {name} <= {high}"
-                         f"{each}")
-
-
-def _prompt_list(prompt, name: str, *, one_allowed: bool) -> list[str]:
-    """`prompt` as a list of str: a list or tuple of str, or (one_allowed) a single str;
-    TypeError naming `name` otherwise."""
-    if one_allowed and isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)):
-        bad = [p for p in prompt if not isinstance(p, str)]
-        if not bad:
-            return list(prompt)
-        got = f"a {type(prompt).__name__} holding {type(bad[0]).__name__} {bad[0]!r}"
-    else:
-        got = type(prompt).__name__
-    allowed = "a str or a list of str" if one_allowed else "a list of str"
-    raise TypeError(f"{name} must be {allowed}; got {got}")
-
-
-def _check_negative_prompt(negative_prompt) -> None:
-    """One negative prompt (the unconditional branch of every image) or None."""
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise TypeError(f"negative_prompt must be a str or None (one negative prompt for the "
-                        f"whole batch); got {type(negative_prompt).__name__}")
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None; got "
-                        f"{type(generator).__name__}")
-
-
-# The fields a scheduler must share with the model it samples: the noise schedule and what the
-# network predicts. Its sampling settings (spacing, clipping, sampler) may differ on purpose.
-SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                   "prediction_type", "rescale_betas_zero_snr")
-
-
-def _config_differences(config: DiffusionConfig, unet, text_encoder, scheduler) -> list[str]:
-    """The fields on which the modules were built differently from `config`: the UNet's
-    MODEL_FIELDS and the scheduler's SCHEDULE_FIELDS (AdvancedUNet and AdvancedScheduler keep
-    their configs), and the text encoder's sizes (TextEncoder)."""
-    built = {}
-    for module, part, names in (("unet", unet, MODEL_FIELDS),
-                                ("scheduler", scheduler, SCHEDULE_FIELDS)):
-        if isinstance(getattr(part, "config", None), DiffusionConfig):
-            built[module] = {name: getattr(part.config, name) for name in names}
-    if isinstance(text_encoder, TextEncoder):
-        built["text_encoder"] = {
-            "context_dim": text_encoder.context_dim,
-            "text_encoder_width": text_encoder.token_embedding.embedding_dim,
-            "text_encoder_layers": len(text_encoder.blocks),
-            "max_text_length": text_encoder.max_length}
-    return [f"{name}: {module} {value!r} vs config {getattr(config, name)!r}"
-            for module, fields in built.items() for name, value in fields.items()
-            if value != getattr(config, name)]
 
 
 def decode_latents(latents: torch.Tensor, latent_space: LatentSpace | None = None) -> torch.Tensor:
@@ -128,23 +51,6 @@ def decode_latents(latents: torch.Tensor, latent_space: LatentSpace | None = Non
     the images."""
     images = latent_space.decode(latents) if latent_space is not None else latents
     return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-@contextmanager
-def eval_mode(*modules: torch.nn.Module):
-    """Run the block with `modules` in eval mode (dropout off), then give every submodule back
-    the mode it had before, also when the block raises: modules the caller passed in (the
-    trainer's, drawing a sample grid mid-training) come back as they went in."""
-    before = [(module, [m.training for m in module.modules()]) for module in modules]
-    try:
-        for module in modules:
-            module.eval()
-        yield
-    finally:
-        for module, modes in before:
-            for m, training in zip(module.modules(), modes):  # parents before their children
-                if m.training != training:
-                    m.train(training)
 
 
 class AdvancedDiffusionPipeline:
@@ -169,7 +75,7 @@ class AdvancedDiffusionPipeline:
                              "trained with), or load the pipeline with from_checkpoint")
         if latent_space is not None:
             latent_space.check_matches(config)
-        differences = _config_differences(config, unet, text_encoder, scheduler)
+        differences = config_differences(config, unet, text_encoder, scheduler)
         if differences:
             raise ValueError("the unet, text_encoder or scheduler was built with another "
                              "config than the pipeline's: " + "; ".join(differences)
@@ -189,6 +95,8 @@ class AdvancedDiffusionPipeline:
         self._said = set()
         if config.use_attention_slicing:
             self.enable_attention_slicing()
+        if config.use_vae_slicing and self.latent_space is not None:
+            self.enable_vae_slicing()
         if config.use_xformers:
             self.enable_xformers_memory_efficient_attention()
 
@@ -394,7 +302,7 @@ class AdvancedDiffusionPipeline:
         if init_images is None and strength != 1:
             raise ValueError(f"strength={strength} is for image-to-image; pass init_images "
                              f"(or leave strength at 1)")
-        prompts = _prompt_list(prompts, "prompts", one_allowed=False)
+        prompts = prompt_list(prompts, "prompts", one_allowed=False)
         if len(prompts) == 0:
             raise ValueError("prompts is empty; pass at least one prompt (and one seed each)")
         if not isinstance(seeds, (list, tuple)):
@@ -403,7 +311,7 @@ class AdvancedDiffusionPipeline:
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         for i, seed in enumerate(seeds):
             check_seed(seed, name=f"seeds[{i}]")
-        _check_negative_prompt(negative_prompt)
+        check_negative_prompt(negative_prompt)
         height = self.image_size if height is None else height
         width = self.image_size if width is None else width
         self._check_size(height, width)
@@ -484,7 +392,7 @@ class AdvancedDiffusionPipeline:
     @staticmethod
     def _seeds(count: int, seed: int | None, generator) -> list[int]:
         """seed, seed + 1, ...; a seed left None is drawn from `generator` (or at random)."""
-        _check_generator(generator)
+        check_generator(generator)
         if seed is None:
             generator = generator or torch.Generator().manual_seed(
                 int(torch.randint(0, 2**31 - 1, (1,)).item()))
@@ -509,7 +417,7 @@ class AdvancedDiffusionPipeline:
         guide's defaults are 50 steps, guidance 7.5).
         """
         check_pil_channels(self.image_channels)
-        prompts = _prompt_list(prompt, "prompt", one_allowed=True)
+        prompts = prompt_list(prompt, "prompt", one_allowed=True)
         if not prompts:
             raise ValueError("prompt is an empty list; pass at least one prompt")
         self._check_num_images(num_images)

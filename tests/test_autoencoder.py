@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,8 +20,6 @@ from losses import (
 )
 from nets import AutoencoderKL, DiagonalGaussian, PatchDiscriminator, blend_ramp, tile_starts
 from nets.autoencoder import LOGVAR_MAX, LOGVAR_MIN, tiled_apply
-
-from helpers import randomize
 
 
 def small_autoencoder(attention=True, seed=0, mult=(1, 2)):

@@ -224,6 +224,16 @@ def test_pipeline_samples_latents_and_decodes(latent_trainer):
         variation = pipe.generate_variations(
             pipe.generate_image("a red circle", seed=0), "a blue circle", strength=0.5, seed=0)
         assert variation.size == (16, 16)
+    pipe.latent_space.autoencoder.disable_tiling()  # the fixture's, shared with other tests
+    pipe.latent_space.autoencoder.disable_slicing()
+
+
+def test_config_use_vae_slicing_turns_slicing_on(latent_trainer):
+    config = latent_trainer.config.with_overrides({"use_vae_slicing": True})
+    pipe = AdvancedDiffusionPipeline(config, latent_trainer.model, latent_trainer.text_encoder,
+                                     latent_space=latent_trainer.latent_space)
+    assert pipe.latent_space.autoencoder.use_slicing
+    pipe.latent_space.autoencoder.disable_slicing()  # the fixture's, shared with other tests
 
 
 def test_pipeline_needs_the_latent_space(latent_trainer):

@@ -999,7 +999,7 @@ def test_evaluate_refuses_a_model_that_is_not_rgb_before_sampling(tmp_path, monk
                         lambda *a, **k: pytest.fail("sampled before refusing"))
     assert script_error(evaluate_script, monkeypatch, capsys, "--checkpoint", path,
                         "--seeds", 1) == (f"evaluate: the shapes checker scores RGB images; "
-                                          f"{path} holds a model of in_channels=1")
+                                          f"{path} holds a model of 1-channel images")
     config = tiny_config(dataset="folder", data_dir=str(tmp_path))  # RGB, not shapes: warns
     path = AdvancedDiffusionTrainer(AdvancedUNet(config), config).save_checkpoint(
         tmp_path / "folder.pt")

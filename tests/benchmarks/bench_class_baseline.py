@@ -26,6 +26,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_recipe import spread  # noqa: E402
+
 from diffusion import DiffusionConfig, parse_overrides  # noqa: E402
 from diffusion.data import GlobalBatchSampler, build_dataset, collate  # noqa: E402
 from diffusion.folder import ImageFolderDataset  # noqa: E402
@@ -33,8 +35,6 @@ from diffusion.trainer import AdvancedDiffusionTrainer  # noqa: E402
 from nets import AdvancedUNet, TextEncoder  # noqa: E402
 from sampling import AdvancedDiffusionPipeline  # noqa: E402
 from sampling.reference import evaluate_pipeline  # noqa: E402
-
-from bench_recipe import spread  # noqa: E402
 
 SCORES = ("adherence", "fd", "kid")
 

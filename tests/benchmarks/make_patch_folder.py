@@ -1,6 +1,7 @@
 """A captioned image folder of photo patches for measuring the evaluation (bench_eval.py): 32x32
 crops of ten photos that scikit-image ships in its wheel (skimage/data/), captioned
-"a photo of <name>" (or, with --captions numbers, "a photo of class <0-9>"), at random positions and scales, with a fixed seed; a train part (the
+"a photo of <name>" (or, with --captions numbers, "a photo of class <0-9>"), at random
+positions and scales, with a fixed seed; a train part (the
 real images) and a test part (images the feature net never sees, standing in for generated
 ones). Nothing is downloaded; scikit-image is needed for this script only (`pip install
 scikit-image`), not by the project.
