@@ -172,6 +172,8 @@ class AutoencoderTrainer(AdvancedDiffusionTrainer):
         if self.discriminator is not None and saved is not None:
             self.discriminator.load_state_dict(saved["model"])
             self.disc_optimizer.load_state_dict(saved["optimizer"])
+            for group in self.disc_optimizer.param_groups:  # this run's config, as for AdamW
+                group["lr"] = self.config.learning_rate
 
 
 def build_trainer(config: DiffusionConfig, *, device=None, distributed: bool = False):

@@ -38,7 +38,8 @@ MODEL_FIELDS = (
     "text_encoder_layers", "text_encoder_width", "max_text_length", "num_train_timesteps",
     "beta_start", "beta_end", "beta_schedule", "prediction_type", "rescale_betas_zero_snr",
     "norm_groups", "stage", "latent_channels", "ae_channels", "ae_channel_mult",
-    "ae_num_res_blocks", "ae_attention", "ae_norm_groups",
+    "ae_num_res_blocks", "ae_attention", "ae_norm_groups", "ae_disc_channels",
+    "ae_disc_layers",
 )
 
 

@@ -9,6 +9,7 @@ stores the autoencoder's config and weights with the scale and shift (`state_dic
 samples without the autoencoder's own file.
 """
 
+import copy
 from pathlib import Path
 
 import torch
@@ -124,6 +125,14 @@ class LatentSpace(nn.Module):
         """Images in [-1, 1] (unclamped) from scaled latents."""
         scale = self._require_scale()
         return self.autoencoder.decode(latents.float() / scale + self.shift)
+
+    def with_own_switches(self) -> "LatentSpace":
+        """The same weights, scale and shift, with slicing and tiling switches of its own (a
+        pipeline built over a trainer's latent space turns them on without touching the
+        trainer's encoding)."""
+        autoencoder = copy.copy(self.autoencoder)  # shares the parameters, not the flags
+        return LatentSpace(autoencoder, self.autoencoder_config, self.scale, self.shift,
+                           self.source)
 
     def state_dict_for_checkpoint(self) -> dict:
         """What a diffusion checkpoint stores: plain tensors, numbers, strings and dicts."""

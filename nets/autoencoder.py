@@ -52,7 +52,7 @@ class DiagonalGaussian:
     @classmethod
     def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
         """The encoder's output (B, 2C, h, w): mean channels first, then log-variance."""
-        mean, logvar = moments.chunk(2, dim=1)  # each (B, C, h, w)
+        mean, logvar = moments.float().chunk(2, dim=1)  # each (B, C, h, w); fp32 under autocast
         return cls(mean, logvar)
 
     def sample(self, generator: torch.Generator | None = None,
@@ -255,9 +255,11 @@ class AutoencoderKL(nn.Module):
         """Tiles of tile_size pixels sharing `overlap` pixels; both multiples of f, with
         0 <= overlap < tile_size."""
         f = self.downsampling_factor
-        for name, value in (("tile_size", tile_size), ("overlap", overlap)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % f:
-                raise ValueError(f"{name}={value!r} must be a non-negative multiple of the "
+        for name, value, kind in (("tile_size", tile_size, "positive"),
+                                  ("overlap", overlap, "non-negative")):
+            low = 1 if kind == "positive" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or value % f:
+                raise ValueError(f"{name}={value!r} must be a {kind} multiple of the "
                                  f"autoencoder's downsampling factor {f}")
         if not 0 <= overlap < tile_size:
             raise ValueError(f"overlap={overlap} must be smaller than tile_size={tile_size}")

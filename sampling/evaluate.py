@@ -262,7 +262,8 @@ def folder_main(args, mode: str) -> int:
 
 def autoencoder_main(args) -> int:
     """--checkpoint AE.pt [--data-dir D] [--num-images N]: reconstruction PSNR and SSIM."""
-    refused = [flag for flag, name in SHAPES_ONLY + SAMPLING_ONLY
+    refused = [flag for flag, name in SHAPES_ONLY + SAMPLING_ONLY + FOLDERS_ONLY[1:]
+               + (("--cache-dir", "cache_dir"),)
                if getattr(args, name) is not None and getattr(args, name) is not False]
     for flag in refused:
         sys.exit(f"{PROG}: {flag} does not apply to an autoencoder checkpoint (reconstruction "

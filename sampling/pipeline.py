@@ -89,7 +89,8 @@ class AdvancedDiffusionPipeline:
             next(self.unet.parameters()).device
         self.unet.to(self.device)
         self.text_encoder.to(self.device)
-        self.latent_space = latent_space.to(self.device) if latent_space is not None else None
+        self.latent_space = (latent_space.with_own_switches().to(self.device)
+                             if latent_space is not None else None)
         self._cpu_offload = False
         self._batched_guidance = True
         self._said = set()
@@ -190,8 +191,8 @@ class AdvancedDiffusionPipeline:
     def _autoencoder(self, toggle: str):
         """The latent space's autoencoder, or None with a note (pixel space has none)."""
         if self.latent_space is None:
-            self._say_once("vae", f"{toggle}: this pipeline works in pixel space (no VAE), so "
-                                  "there is nothing to slice or tile; nothing changed", 4)
+            self._say_once(toggle, f"{toggle}: this pipeline works in pixel space (no VAE), so "
+                                   "there is nothing to slice or tile; nothing changed", 4)
             return None
         return self.latent_space.autoencoder
 

@@ -233,8 +233,13 @@ def test_tiled_decode_seams_are_bounded():
 
 def test_enable_tiling_checks_its_arguments():
     ae = small_autoencoder()
-    with pytest.raises(ValueError, match="tile_size=15 must be a non-negative multiple"):
+    with pytest.raises(ValueError, match="tile_size=15 must be a positive multiple of the "
+                                         "autoencoder's downsampling factor 2"):
         ae.enable_tiling(15, 4)
+    with pytest.raises(ValueError, match="tile_size=0 must be a positive multiple"):
+        ae.enable_tiling(0, 0)
+    with pytest.raises(ValueError, match="overlap=3 must be a non-negative multiple"):
+        ae.enable_tiling(16, 3)
     with pytest.raises(ValueError, match="overlap=16 must be smaller than tile_size=16"):
         ae.enable_tiling(16, 16)
 

@@ -110,6 +110,14 @@ def test_autoencoder_resume_is_exact(tmp_path):
             assert torch.equal(x, y), name
 
 
+def test_autoencoder_validate_scores_reconstructions():
+    trainer = ae_trainer()
+    result = trainer.validate([shapes_batch(), shapes_batch(seed=1)])
+    assert result["num_batches"] == 2 and result["psnr"] > 0 and -1 <= result["ssim"] <= 1
+    with pytest.raises(ValueError, match="empty dataloader"):
+        trainer.validate([])
+
+
 def test_autoencoder_trainer_errors():
     config = ae_config()
     with pytest.raises(ValueError, match="stage='autoencoder'; got stage='diffusion'"):
@@ -224,8 +232,8 @@ def test_pipeline_samples_latents_and_decodes(latent_trainer):
         variation = pipe.generate_variations(
             pipe.generate_image("a red circle", seed=0), "a blue circle", strength=0.5, seed=0)
         assert variation.size == (16, 16)
-    pipe.latent_space.autoencoder.disable_tiling()  # the fixture's, shared with other tests
-    pipe.latent_space.autoencoder.disable_slicing()
+    trainer_autoencoder = latent_trainer.latent_space.autoencoder  # the pipeline's switches
+    assert not trainer_autoencoder.use_slicing and trainer_autoencoder.tile_size is None
 
 
 def test_config_use_vae_slicing_turns_slicing_on(latent_trainer):
@@ -233,7 +241,7 @@ def test_config_use_vae_slicing_turns_slicing_on(latent_trainer):
     pipe = AdvancedDiffusionPipeline(config, latent_trainer.model, latent_trainer.text_encoder,
                                      latent_space=latent_trainer.latent_space)
     assert pipe.latent_space.autoencoder.use_slicing
-    pipe.latent_space.autoencoder.disable_slicing()  # the fixture's, shared with other tests
+    assert not latent_trainer.latent_space.autoencoder.use_slicing
 
 
 def test_pipeline_needs_the_latent_space(latent_trainer):
@@ -258,11 +266,20 @@ def test_latent_checkpoint_round_trip(latent_trainer, tmp_path):
     pipe = AdvancedDiffusionPipeline.from_checkpoint(path)
     torch.testing.assert_close(pipe.generate(["a red square"], [3]), expected)
     config = DiffusionConfig.from_dict(state["config"])
-    from diffusion import AdvancedDiffusionTrainer
-    pixel = tiny_config()
-    with pytest.raises(ValueError, match="cannot resume"):
-        AdvancedDiffusionTrainer(AdvancedUNet(pixel), pixel).load_checkpoint(path)
     assert config.autoencoder == latent_trainer.config.autoencoder
+    from diffusion import AdvancedDiffusionTrainer
+    pixel = tiny_config(**{**LATENT_FIELDS, "autoencoder": None})  # the same UNet, in pixels
+    with pytest.raises(ValueError, match="cannot resume: the checkpoint is a latent diffusion "
+                                         "run and the config has autoencoder=None"):
+        AdvancedDiffusionTrainer(AdvancedUNet(pixel), pixel).load_checkpoint(path)
+    without = {k: v for k, v in state.items() if k != "latent"}
+    torch.save(without, tmp_path / "no_latent.pt")
+    with pytest.raises(CheckpointError, match="holds no latent space"):
+        AdvancedDiffusionPipeline.from_checkpoint(tmp_path / "no_latent.pt")
+    broken = {**state["latent"]}
+    del broken["weights"]
+    with pytest.raises(CheckpointError, match="latent-space entry is incomplete"):
+        LatentSpace.from_checkpoint_state(broken, "x.pt")
 
 
 def test_pipeline_refuses_an_autoencoder_checkpoint(ae_checkpoint):
@@ -296,9 +313,12 @@ def test_train_script_runs_the_whole_chain(tmp_path):
     out = run("-m", "sampling.evaluate", "--checkpoint", ae_dir / "last.pt", "--num-images", 8)
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["num_images"] == 8 and result["psnr"] > 0 and "ssim" in result
-    refused = run("-m", "sampling.evaluate", "--checkpoint", ae_dir / "last.pt", "--steps", 3,
-                  check=False)
-    assert refused.returncode != 0 and "--steps does not apply" in refused.stderr
+    for flags, message in ((("--steps", 3), "--steps does not apply"),
+                           (("--seed", 1), "--seed does not apply"),
+                           (("--data-dir", tmp_path / "none"), "is not a folder")):
+        refused = run("-m", "sampling.evaluate", "--checkpoint", ae_dir / "last.pt", *flags,
+                      check=False)
+        assert refused.returncode != 0 and message in refused.stderr
 
     latent_yaml = tmp_path / "latent.yaml"
     fields = dict(dataset="shapes", log_every=1, save_every=2, sample_every=4, keep_last=10,
@@ -309,8 +329,9 @@ def test_train_script_runs_the_whole_chain(tmp_path):
     half = tmp_path / "straight" / "checkpoints" / "step_00000002.pt"
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copy(half, tmp_path / "resumed" / "checkpoints" / half.name)
+    # a different latent_scale_images would fit another scale: the resumed run keeps the saved
     run("train.py", "--config", latent_yaml, "--resume", "auto", "--set",
-        f"output_dir={tmp_path / 'resumed'}")
+        f"output_dir={tmp_path / 'resumed'}", "latent_scale_images=4")
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     for name, value in straight["model"].items():
