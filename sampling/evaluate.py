@@ -245,7 +245,8 @@ def folder_main(args, mode: str) -> int:
             config = pipeline.config
             if args.untrained:
                 torch.manual_seed(config.seed)
-                pipeline = AdvancedDiffusionPipeline(config, device=args.device)
+                pipeline = AdvancedDiffusionPipeline(config, device=args.device,
+                                                     latent_space=pipeline.latent_space)
             settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)
             real = ImageFolderDataset(args.data_dir, pipeline.image_size,
                                       in_channels=pipeline.image_channels)
@@ -303,7 +304,8 @@ def main(argv=None):
               file=sys.stderr)
     if args.untrained:
         torch.manual_seed(config.seed)
-        pipeline = AdvancedDiffusionPipeline(config, device=args.device)
+        pipeline = AdvancedDiffusionPipeline(config, device=args.device,
+                                             latent_space=pipeline.latent_space)
     start = time.perf_counter()
     with exit_on_error(PROG):  # e.g. --sampler heun, --steps 0: one line, not a traceback
         settings = pipeline.settings(args.steps, args.guidance_scale, args.sampler)

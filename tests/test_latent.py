@@ -341,6 +341,7 @@ def test_train_script_runs_the_whole_chain(tmp_path):
     run("sample.py", "--checkpoint", tmp_path / "straight" / "last.pt", "--prompt",
         "a red circle", "--steps", 2, "--out", grid)
     assert grid.exists()
-    out = run("-m", "sampling.evaluate", "--checkpoint", tmp_path / "straight" / "last.pt",
-              "--seeds", 1, "--steps", 2)
-    assert json.loads(out.stdout.splitlines()[-1])["images"] == 24
+    for control in ((), ("--untrained",)):  # the untrained control keeps the autoencoder
+        out = run("-m", "sampling.evaluate", "--checkpoint", tmp_path / "straight" / "last.pt",
+                  "--seeds", 1, "--steps", 2, *control)
+        assert json.loads(out.stdout.splitlines()[-1])["images"] == 24
