@@ -15,7 +15,6 @@ from losses import psnr, ssim
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # shapes seed of the held-out images: training seed + this
 DEFAULT_RECONSTRUCTION_IMAGES = 240
-RECONSTRUCTION_KEYS = ("psnr", "psnr_min", "psnr_median", "ssim", "ssim_min")
 
 
 def is_autoencoder_checkpoint(path: str | Path) -> bool:
