@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from nets.text_encoder import EXTRA_STATE_KEY, ByteTokenizer
+
 from .config import DiffusionConfig
 
 FORMAT_VERSION = 1
@@ -35,7 +37,8 @@ MODEL_FIELDS = (
     "in_channels", "out_channels", "model_channels", "num_res_blocks", "attention_resolutions",
     "channel_mult", "num_heads", "use_spatial_transformer", "transformer_depth", "context_dim",
     "sample_size", "use_scale_shift_norm", "pooled_text_conditioning", "text_pooling",
-    "text_encoder_layers", "text_encoder_width", "max_text_length", "num_train_timesteps",
+    "text_encoder_layers", "text_encoder_width", "max_text_length", "tokenizer",
+    "text_vocab_size", "num_train_timesteps",
     "beta_start", "beta_end", "beta_schedule", "prediction_type", "rescale_betas_zero_snr",
     "norm_groups", "stage", "latent_channels", "ae_channels", "ae_channel_mult",
     "ae_num_res_blocks", "ae_attention", "ae_norm_groups", "ae_disc_channels",
@@ -106,7 +109,11 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
             or "config" not in state:
         raise CheckpointError(f"{str(path)!r} is not a checkpoint of this codebase (format "
                               f"version {FORMAT_VERSION} with a config)")
-    config_from_checkpoint(state, path)
+    config = config_from_checkpoint(state, path)
+    text_state = state.get("text_encoder")
+    if text_state and EXTRA_STATE_KEY not in text_state:  # written before tokenizers were saved
+        text_state[EXTRA_STATE_KEY] = {"tokenizer": ByteTokenizer(
+            config.max_text_length).state_dict()}
     return state
 
 

@@ -33,6 +33,7 @@ from .yaml_io import YamlDumper, load_yaml, yaml_problem
 BETA_SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TEXT_POOLINGS = ("mean", "attention")  # nets.unet.TEXT_POOLINGS (tests/test_config.py checks)
+TOKENIZERS = ("byte", "word")  # nets.text_encoder.TOKENIZERS (tests/test_config.py checks)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "euler_ancestral")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -157,6 +158,13 @@ class DiffusionConfig:
     text_encoder_layers: int = _field(2, "Transformer layers of the text encoder.", low=0)
     text_encoder_width: int = _field(256, "Width of the text encoder.", low=1)
     max_text_length: int = _field(77, "Tokens per prompt, BOS and EOS included.", low=2)
+    tokenizer: str = _field(
+        "byte", "How prompts become tokens: 'byte' (UTF-8 bytes, no vocabulary) or 'word' (one "
+        "token per word of the training captions, saved in the checkpoint; unseen words fall "
+        "back to bytes with a warning).", choices=TOKENIZERS)
+    text_vocab_size: int = _field(
+        8192, "Most words tokenizer='word' keeps (the most frequent of the training captions); "
+              "rarer ones are read as bytes.", low=1)
     compile: bool = _field(False, "Wrap the network in torch.compile.")
     # ---- process (ours) ----
     timestep_spacing: str = _field("trailing", "How inference timesteps are picked.",

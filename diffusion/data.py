@@ -73,6 +73,12 @@ def build_dataset(config, image_size: int | None = None,
     raise ValueError(f"dataset={config.dataset!r} is not one of {list(DATASETS)}")
 
 
+def training_captions(config) -> list[str]:
+    """The training captions, what tokenizer='word' learns its vocabulary from: the 24 shapes
+    captions, or a folder's, one per image in dataset order, read without decoding an image."""
+    return build_dataset(config, image_channels=SHAPES_CHANNELS).captions  # any valid channels
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Deterministic, resumable batches for one rank.
 

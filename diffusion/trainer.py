@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nets import TextConditionedDenoiser, TextEncoder
+from nets import TextConditionedDenoiser, build_text_encoder
 
 from .checkpoint import (
     FORMAT_VERSION,
@@ -32,6 +32,7 @@ from .checkpoint import (
     load_checkpoint_file,
 )
 from .config import DiffusionConfig
+from .data import training_captions
 from .devices import autocast_dtype, use_deterministic_algorithms, world
 from .ema import EMAModel
 from .images import check_image_range
@@ -111,8 +112,9 @@ class AdvancedDiffusionTrainer:
         """Set `denoiser`, the module the optimizer trains and the EMA averages: here the UNet
         with its text encoder, and the frozen autoencoder of latent diffusion
         (`latent_space`, None in pixel space; its scale is set by `fit_latent_scale`)."""
-        self.text_encoder = (text_encoder if text_encoder is not None
-                             else TextEncoder.from_config(self.config)).to(self.device)
+        if text_encoder is None:
+            text_encoder = build_text_encoder(self.config, lambda: training_captions(self.config))
+        self.text_encoder = text_encoder.to(self.device)
         self.tokenizer = self.text_encoder.tokenizer
         self.denoiser = TextConditionedDenoiser(self.model, self.text_encoder)
         if not self.denoiser.uses_text:  # unused by an unconditional UNet: no grads, no DDP sync

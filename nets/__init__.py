@@ -30,7 +30,14 @@ from .cpu import (
 from .denoiser import TextConditionedDenoiser
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_as_batch
 from .levels import DownBlock, MidBlock, UpBlock
-from .text_encoder import ByteTokenizer, TextEncoder, TextTransformerBlock, trim_padding
+from .text_encoder import (
+    ByteTokenizer,
+    TextEncoder,
+    TextTransformerBlock,
+    WordTokenizer,
+    build_text_encoder,
+    trim_padding,
+)
 from .unet import AdvancedUNet, UNet, attention_levels_for, masked_mean
 
 __all__ = [
@@ -56,6 +63,8 @@ __all__ = [
     "ResBlock",
     "SpatialTransformer",
     "TextEncoder",
+    "WordTokenizer",
+    "build_text_encoder",
     "TextTransformerBlock",
     "TimestepEmbedding",
     "UNet",

@@ -2,8 +2,6 @@
 
 from torch import nn
 
-from .text_encoder import trim_padding
-
 
 class TextConditionedDenoiser(nn.Module):
     """The UNet and the text encoder as one module, so one optimizer, one EMA and one
@@ -20,6 +18,6 @@ class TextConditionedDenoiser(nn.Module):
     def forward(self, x_t, timesteps, input_ids, attention_mask):
         if not self.uses_text:
             return self.unet(x_t, timesteps)["sample"]
-        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
-        context, mask = self.text_encoder(input_ids, attention_mask)  # (B, L, D), (B, L)
+        # (B, L, D), (B, L), L cut to the batch's longest prompt
+        context, mask = self.text_encoder(input_ids, attention_mask, trim=True)
         return self.unet(x_t, timesteps, context, mask)["sample"]

@@ -1,13 +1,24 @@
-"""A text encoder trained from scratch: a byte-level tokenizer and a small transformer.
+"""A text encoder trained from scratch: a tokenizer and a small transformer, one component.
 
-No vocabulary file and no pretrained weights: a prompt is its UTF-8 bytes (ids 0..255) between
-BOS and EOS, padded with PAD to `max_text_length` (the guide's 77). The transformer is
-bidirectional (pre-norm blocks of self-attention and a GELU MLP) and ignores padding through
-a key padding mask; the UNet's cross-attention ignores padding the same way. The empty
-prompt "" (BOS EOS then padding) is the unconditional input of classifier-free guidance.
+Two tokenizers share one id space: bytes 0..255, PAD, BOS, EOS, then (WordTokenizer only) one
+id per word of a vocabulary learned from the training captions. `config.tokenizer` picks one:
+- "byte" (ByteTokenizer): a prompt is its UTF-8 bytes between BOS and EOS. Needs no
+  vocabulary, reads any text, but the encoder must learn to compose words from bytes.
+- "word" (WordTokenizer): each word or punctuation mark seen in the training captions is one
+  token, so "circle" and "cross", or "digit 3" and "digit 4", differ in a whole token; a word
+  it never saw falls back to its bytes, with a warning.
+Prompts are padded with PAD to `max_text_length` (the guide's 77). The tokenizer's state (its
+vocabulary) is part of the encoder's state_dict (`_extra_state`), so a checkpoint needs no
+other file. The transformer is bidirectional (pre-norm blocks of self-attention and a GELU
+MLP) and ignores padding through a key padding mask; the UNet's cross-attention ignores padding
+the same way. The empty prompt "" (BOS EOS then padding) is the unconditional input of
+classifier-free guidance. `build_text_encoder(config, captions)` is the one place an encoder
+is built from a config, `TextEncoder.from_state_dict(config, state)` the one place it is loaded.
 """
 
+import re
 import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -74,6 +85,112 @@ class ByteTokenizer:
             input_ids[row, :len(ids)] = torch.tensor(ids)
         return input_ids, input_ids != PAD_ID
 
+    def state_dict(self) -> dict:
+        """What rebuilds this tokenizer (`tokenizer_from_state`): plain strings and ints."""
+        return {"kind": "byte", "max_length": self.max_length}
+
+
+# A word is a run of letters, digits or underscores; any other non-space character is a token
+# of its own ("a red circle." -> a, red, circle, .). Case is kept: "Red" is not "red".
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
+DEFAULT_MAX_WORDS = 8192
+
+
+def split_words(text: str) -> list[str]:
+    """The words and punctuation marks of a caption, in order (WORD_PATTERN)."""
+    return WORD_PATTERN.findall(text)
+
+
+class WordTokenizer(ByteTokenizer):
+    """A word-level tokenizer whose vocabulary is learned from the training captions.
+
+    Ids: the byte tokenizer's 0..258, then NUM_SPECIAL + i for `words[i]`. A word in the
+    vocabulary is one token; a word outside it is a space and its UTF-8 bytes (the byte
+    tokenizer's ids; the space keeps two unseen words in a row apart), with one warning per
+    word, so a prompt with an unseen word still encodes. Spaces between words are not tokens. `max_length` counts BOS and EOS; longer prompts are truncated with a warning.
+
+    WordTokenizer.from_captions(captions, max_length, max_words) keeps the `max_words` most
+    frequent words (ties in sorted order); `words` is that list, saved in the checkpoint.
+    """
+
+    def __init__(self, words, max_length: int = 77):
+        super().__init__(max_length)
+        words = list(words)
+        bad = [w for w in words if not isinstance(w, str) or split_words(w) != [w]]
+        if bad:
+            raise ValueError(f"words must be single words or punctuation marks (as "
+                             f"split_words gives them); got {bad[:3]!r}")
+        if len(set(words)) != len(words):
+            raise ValueError("words must not repeat: each word has one id")
+        self.words = words
+        self.word_ids = {word: VOCAB_SIZE + i for i, word in enumerate(words)}
+        self.vocab_size = VOCAB_SIZE + len(words)
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_captions(cls, captions, max_length: int = 77,
+                      max_words: int = DEFAULT_MAX_WORDS) -> "WordTokenizer":
+        counts = Counter(word for caption in captions for word in split_words(caption))
+        if not counts:
+            raise ValueError("the training captions hold no words to learn a vocabulary "
+                             "from (all are empty); use tokenizer='byte' for uncaptioned data")
+        ranked = sorted(counts, key=lambda word: (-counts[word], word))
+        return cls(ranked[:max_words], max_length)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of one prompt, BOS and EOS included, unpadded."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
+        ids = []
+        for word in split_words(prompt):
+            if word in self.word_ids:
+                ids.append(self.word_ids[word])
+                continue
+            if word not in self._warned:
+                self._warned.add(word)
+                warnings.warn(f"word {word!r} of prompt {prompt[:40]!r} is not in the "
+                              f"tokenizer's vocabulary ({len(self.words)} words of the "
+                              "training captions); it is read as its bytes", stacklevel=3)
+            ids.extend(super().encode(" " + word)[1:-1])  # the space: where a word starts
+        room = self.max_length - 2
+        if len(ids) > room:
+            warnings.warn(f"prompt of {len(ids)} tokens truncated to {room} "
+                          f"(max_text_length={self.max_length} minus BOS and EOS): "
+                          f"{prompt[:40]!r}...", stacklevel=3)
+            ids = ids[:room]
+        return [BOS_ID, *ids, EOS_ID]
+
+    def decode(self, ids) -> str:
+        """Back to text: the words joined by spaces."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        pieces, run = [], []
+        for i in [*ids, PAD_ID]:
+            if i < NUM_BYTES:
+                run.append(i)
+                continue
+            if run:
+                pieces.append(bytes(run).decode("utf-8", errors="replace").strip())
+                run = []
+            if i >= VOCAB_SIZE:
+                pieces.append(self.words[i - VOCAB_SIZE])
+        return " ".join(pieces)
+
+    def state_dict(self) -> dict:
+        return {"kind": "word", "max_length": self.max_length, "words": list(self.words)}
+
+
+TOKENIZERS = ("byte", "word")  # config.tokenizer
+
+
+def tokenizer_from_state(state: dict) -> ByteTokenizer:
+    """Rebuild a tokenizer from its `state_dict()`; ValueError for anything else."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind == "byte":
+        return ByteTokenizer(state["max_length"])
+    if kind == "word":
+        return WordTokenizer(state["words"], state["max_length"])
+    raise ValueError(f"not a tokenizer state: kind={kind!r}, expected one of {TOKENIZERS}")
+
 
 def check_attention_mask(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
     """attention_mask as bool: a tensor of input_ids' shape, bool (True = real token) or 0/1
@@ -128,25 +245,33 @@ class TextTransformerBlock(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Byte-level transformer text encoder, trained from scratch with the UNet.
+    """Transformer text encoder with its tokenizer, trained from scratch with the UNet.
 
     Token + learned position embeddings (width), `num_layers` TextTransformerBlocks, a final
     LayerNorm and a linear projection to `context_dim`, the width the UNet's cross-attention
-    expects. Build it with `TextEncoder.from_config(config)` (text_encoder_width,
-    text_encoder_layers, max_text_length, context_dim).
+    expects. `tokenizer`: a ByteTokenizer (the default) or WordTokenizer of `max_length`; the
+    token embedding has one row per id of its vocabulary. Build it from a config with
+    `build_text_encoder(config, captions)`, load it with `TextEncoder.from_state_dict`.
 
-    forward(input_ids: (B, L) int64 ids in [0, VOCAB_SIZE) (other integer dtypes are cast),
-            attention_mask: (B, L) bool | None)
-      -> (hidden_states: (B, L, context_dim), attention_mask: (B, L) bool, True = real).
+    forward(input_ids: (B, L) int64 ids in [0, vocab_size) (other integer dtypes are cast),
+            attention_mask: (B, L) bool | None, trim: bool = False)
+      -> (hidden_states: (B, L, context_dim), attention_mask: (B, L) bool, True = real);
+    with `trim`, L is cut to the batch's longest prompt first (trim_padding).
     `encode(prompts)` tokenises and runs forward in one call.
     """
 
     def __init__(self, context_dim: int = 768, width: int = 256, num_layers: int = 2,
-                 max_length: int = 77, dropout: float = 0.0):
+                 max_length: int = 77, dropout: float = 0.0,
+                 tokenizer: ByteTokenizer | None = None):
         super().__init__()
-        self.tokenizer = ByteTokenizer(max_length)
+        if tokenizer is None:
+            tokenizer = ByteTokenizer(max_length)
+        if tokenizer.max_length != max_length:
+            raise ValueError(f"tokenizer.max_length={tokenizer.max_length} must equal "
+                             f"max_length={max_length}")
+        self.tokenizer = tokenizer
         self.max_length, self.context_dim = max_length, context_dim
-        self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
+        self.token_embedding = nn.Embedding(tokenizer.vocab_size, width)
         self.position_embedding = nn.Parameter(torch.zeros(max_length, width))
         self.blocks = nn.ModuleList(TextTransformerBlock(width, text_heads(width), dropout)
                                     for _ in range(num_layers))
@@ -155,9 +280,45 @@ class TextEncoder(nn.Module):
         self._init_weights()
 
     @classmethod
-    def from_config(cls, config) -> "TextEncoder":
+    def from_config(cls, config, tokenizer: ByteTokenizer | None = None) -> "TextEncoder":
+        """The encoder of config's sizes around `tokenizer` (a ByteTokenizer when None)."""
         return cls(context_dim=config.context_dim, width=config.text_encoder_width,
-                   num_layers=config.text_encoder_layers, max_length=config.max_text_length)
+                   num_layers=config.text_encoder_layers, max_length=config.max_text_length,
+                   tokenizer=tokenizer)
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict: dict) -> "TextEncoder":
+        """An encoder of config's sizes with the tokenizer stored in `state_dict` (its
+        vocabulary sizes the embedding), the weights loaded."""
+        stored = state_dict.get(EXTRA_STATE_KEY, {}).get("tokenizer")
+        if stored is None:
+            raise ValueError("the text encoder's state_dict holds no tokenizer state "
+                             f"({EXTRA_STATE_KEY!r})")
+        encoder = cls.from_config(config, tokenizer_from_state(stored))
+        encoder.load_state_dict(state_dict)
+        return encoder
+
+    def sizes(self) -> dict:
+        """The config fields this encoder was built with (compare with a config's)."""
+        return {"context_dim": self.context_dim,
+                "text_encoder_width": self.token_embedding.embedding_dim,
+                "text_encoder_layers": len(self.blocks), "max_text_length": self.max_length,
+                "tokenizer": self.tokenizer.state_dict()["kind"]}
+
+    def get_extra_state(self) -> dict:
+        return {"tokenizer": self.tokenizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Loading a state_dict checks its tokenizer is this one: the embedding's rows mean the
+        tokens of that vocabulary (a different one needs TextEncoder.from_state_dict)."""
+        if state.get("tokenizer") != self.tokenizer.state_dict():
+            stored = state.get("tokenizer") or {}
+            raise ValueError(
+                f"the state_dict's tokenizer ({stored.get('kind')!r}, "
+                f"{len(stored.get('words', []))} words) differs from this encoder's "
+                f"({self.tokenizer.state_dict()['kind']!r}, "
+                f"{len(getattr(self.tokenizer, 'words', []))} words): the training captions "
+                "changed; load it with TextEncoder.from_state_dict")
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -178,7 +339,7 @@ class TextEncoder(nn.Module):
             nn.init.zeros_(block.attn.to_out[0].weight)
             nn.init.zeros_(block.mlp.net[-1].weight)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, trim: bool = False):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (B, L) int64 tensor; got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -188,11 +349,12 @@ class TextEncoder(nn.Module):
                             f"{input_ids.dtype}")
         if input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= VOCAB_SIZE:
+            vocab = self.tokenizer.vocab_size
+            if low < 0 or high >= vocab:
                 bad = low if low < 0 else high
-                raise ValueError(f"input_ids must be token ids in [0, {VOCAB_SIZE}) (bytes "
-                                 f"0..255, PAD {PAD_ID}, BOS {BOS_ID}, EOS {EOS_ID}); got "
-                                 f"{bad}")
+                raise ValueError(f"input_ids must be token ids in [0, {vocab}) (bytes "
+                                 f"0..255, PAD {PAD_ID}, BOS {BOS_ID}, EOS {EOS_ID}, then "
+                                 f"the tokenizer's words); got {bad}")
         if input_ids.shape[1] > self.max_length:
             raise ValueError(f"input_ids length must be at most max_text_length="
                              f"{self.max_length}; got shape {tuple(input_ids.shape)}")
@@ -200,6 +362,8 @@ class TextEncoder(nn.Module):
             attention_mask = input_ids != PAD_ID
         else:
             attention_mask = check_attention_mask(input_ids, attention_mask)
+        if trim:
+            input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         length = input_ids.shape[1]
         x = self.token_embedding(input_ids.long())  # (B, L, width)
         x = x + self.position_embedding[:length]
@@ -211,7 +375,26 @@ class TextEncoder(nn.Module):
         """prompts: str or list of str -> (hidden_states (B, L, context_dim), mask (B, L));
         L = max_length, or the longest prompt's length with `trim` (trim_padding)."""
         input_ids, mask = self.tokenizer(prompts)
-        if trim:
-            input_ids, mask = trim_padding(input_ids, mask)
         device = self.proj.weight.device
-        return self.forward(input_ids.to(device), mask.to(device))
+        return self.forward(input_ids.to(device), mask.to(device), trim=trim)
+
+
+EXTRA_STATE_KEY = "_extra_state"  # where nn.Module.state_dict keeps get_extra_state()
+
+
+def build_text_encoder(config, captions=None) -> TextEncoder:
+    """The text encoder `config` describes: its sizes and `config.tokenizer`.
+
+    captions: the training captions, or a function returning them (called only when needed),
+    from which tokenizer="word" learns its vocabulary (at most config.text_vocab_size words);
+    tokenizer="byte" needs none.
+    """
+    if config.tokenizer == "byte":
+        return TextEncoder.from_config(config)
+    if captions is None:
+        raise ValueError("tokenizer='word' learns its vocabulary from the training captions; "
+                         "pass captions")
+    captions = captions() if callable(captions) else captions
+    tokenizer = WordTokenizer.from_captions(captions, config.max_text_length,
+                                            config.text_vocab_size)
+    return TextEncoder.from_config(config, tokenizer)

@@ -79,18 +79,14 @@ SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
 def config_differences(config: DiffusionConfig, unet, text_encoder, scheduler) -> list[str]:
     """The fields on which the modules were built differently from `config`: the UNet's
     MODEL_FIELDS and the scheduler's SCHEDULE_FIELDS (AdvancedUNet and AdvancedScheduler keep
-    their configs), and the text encoder's sizes (TextEncoder)."""
+    their configs), and the text encoder's sizes and tokenizer (TextEncoder.sizes)."""
     built = {}
     for module, part, names in (("unet", unet, MODEL_FIELDS),
                                 ("scheduler", scheduler, SCHEDULE_FIELDS)):
         if isinstance(getattr(part, "config", None), DiffusionConfig):
             built[module] = {name: getattr(part.config, name) for name in names}
     if isinstance(text_encoder, TextEncoder):
-        built["text_encoder"] = {
-            "context_dim": text_encoder.context_dim,
-            "text_encoder_width": text_encoder.token_embedding.embedding_dim,
-            "text_encoder_layers": len(text_encoder.blocks),
-            "max_text_length": text_encoder.max_length}
+        built["text_encoder"] = text_encoder.sizes()
     return [f"{name}: {module} {value!r} vs config {getattr(config, name)!r}"
             for module, fields in built.items() for name, value in fields.items()
             if value != getattr(config, name)]

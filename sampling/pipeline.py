@@ -26,9 +26,16 @@ from diffusion import (
     randn_like,
 )
 from diffusion.checkpoint import CheckpointError, config_from_checkpoint
+from diffusion.data import training_captions
 from diffusion.images import check_image_range
 from diffusion.scheduler import check_strength
-from nets import AdvancedUNet, TextConditionedDenoiser, TextEncoder, prepacked_for_cpu_inference
+from nets import (
+    AdvancedUNet,
+    TextConditionedDenoiser,
+    TextEncoder,
+    build_text_encoder,
+    prepacked_for_cpu_inference,
+)
 
 from .images import check_pil_channels, from_pil, open_image, to_pil
 from .inputs import (
@@ -83,7 +90,7 @@ class AdvancedDiffusionPipeline:
         self.config = config
         self.unet = unet if unet is not None else AdvancedUNet(config).eval()
         self.text_encoder = text_encoder if text_encoder is not None else \
-            TextEncoder.from_config(config).eval()
+            build_text_encoder(config, lambda: training_captions(config)).eval()
         self.scheduler = scheduler or AdvancedScheduler(config)
         self.device = parse_device(device) if device is not None else \
             next(self.unet.parameters()).device
@@ -128,9 +135,9 @@ class AdvancedDiffusionPipeline:
                                       f"{config.autoencoder!r} but the checkpoint holds no "
                                       "latent space")
             latent_space = LatentSpace.from_checkpoint_state(state["latent"], path)
-        unet, text_encoder = AdvancedUNet(config).eval(), TextEncoder.from_config(config).eval()
+        unet = AdvancedUNet(config).eval()
         unet.load_state_dict(state["model"])
-        text_encoder.load_state_dict(state["text_encoder"])
+        text_encoder = TextEncoder.from_state_dict(config, state["text_encoder"]).eval()
         if use_ema and state.get("ema") is None:
             warnings.warn(f"{path}: the checkpoint has no EMA weights (trained with "
                           f"use_ema=false); using the trained weights", stacklevel=2)

@@ -366,10 +366,12 @@ def test_parse_overrides_strips_spaces_and_keeps_an_empty_value_a_string():
         DiffusionConfig().with_overrides({"snr_gamma": ""})
 
 
-def test_text_poolings_are_the_unets():
-    """The config's allowed text_pooling values are the ones the UNet builds (nets imports
-    nothing from diffusion, so each keeps its own tuple)."""
-    from diffusion.config import TEXT_POOLINGS
+def test_text_poolings_and_tokenizers_are_the_nets():
+    """The config's allowed text_pooling and tokenizer values are the ones nets builds (nets
+    imports nothing from diffusion, so each keeps its own tuple)."""
+    from diffusion.config import TEXT_POOLINGS, TOKENIZERS
+    from nets.text_encoder import TOKENIZERS as NET_TOKENIZERS
     from nets.unet import TEXT_POOLINGS as UNET_TEXT_POOLINGS
 
     assert TEXT_POOLINGS == UNET_TEXT_POOLINGS
+    assert TOKENIZERS == NET_TOKENIZERS

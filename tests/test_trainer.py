@@ -579,7 +579,7 @@ def test_denoiser_cuts_the_text_at_the_longest_prompt():
     longest prompt's bytes, EOS), not all max_text_length positions."""
     trainer = make_trainer(cfg_dropout=0.0)
     lengths = []
-    hook = trainer.text_encoder.register_forward_pre_hook(
+    hook = trainer.text_encoder.token_embedding.register_forward_pre_hook(
         lambda module, args: lengths.append(args[0].shape[1]))
     trainer.train_step(fixed_batch())
     hook.remove()
