@@ -86,8 +86,10 @@ def test_resume_through_the_script_is_bitwise_exact(tmp_path, device):
     resumed = load(resumed_dir / "last.pt")
     assert resumed["step"] == straight["step"] == 4
     for key in ("model", "text_encoder"):
-        for name, value in straight[key].items():
-            assert torch.equal(resumed[key][name], value), (key, name)
+        for name, value in straight[key].items():  # tensors, and the tokenizer's state
+            same = torch.equal(resumed[key][name], value) if isinstance(value, torch.Tensor) \
+                else resumed[key][name] == value
+            assert same, (key, name)
     for name, value in straight["ema"]["shadow"].items():
         assert torch.equal(resumed["ema"]["shadow"][name], value), name
     for index, value in straight["optimizer"]["state"].items():
@@ -364,7 +366,10 @@ def test_torchrun_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     assert two["step"] == one["step"] == 3
     for key in ("model", "text_encoder"):
         for name, value in one[key].items():
-            torch.testing.assert_close(two[key][name], value, rtol=1e-5, atol=1e-6)
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(two[key][name], value, rtol=1e-5, atol=1e-6)
+            else:  # the tokenizer's state
+                assert two[key][name] == value, (key, name)
     assert len(list((ddp_dir / "checkpoints").iterdir())) == 1  # rank 0 alone wrote files
 
 

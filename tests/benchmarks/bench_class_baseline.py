@@ -87,11 +87,12 @@ def score_shapes(pipeline) -> dict:
                              ("ddim20_", pipeline.settings(20, None, "ddim"))):
         images, prompts = sample_all_captions(pipeline, DEFAULT_SEEDS, **settings)
         scores = shapes_adherence(images * 2 - 1, prompts)
-        result.update({prefix + key: scores[key] for key in ("colour", "shape")})
+        result.update({prefix + key: scores[key] for key in ("colour", "shape",
+                                                             "shape_confusion")})
     return result
 
 
-def train_and_score(config, eval_dir: str, num_images: int) -> dict:
+def train_and_score(config, eval_dir: str | None, num_images: int) -> dict:
     dataset = build_dataset(config)
     captions = sorted({c for c in dataset.captions if c})
     if eval_dir is None and config.dataset != "shapes":
@@ -124,7 +125,8 @@ def train_and_score(config, eval_dir: str, num_images: int) -> dict:
                                        **pipeline.settings(None, None, None))
     return {"seed": config.seed, "train_s": round(train_seconds, 1),
             "steps_s": round(config.max_steps / train_seconds, 3),
-            **{key: result[key] for key in SCORES if result.get(key) is not None}}
+            **{key: result[key] for key in (*SCORES, "shape_confusion",
+                                            "ddim20_shape_confusion") if key in result}}
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """How much a trained model's text conditioning tells prompts apart, per kind of difference.
 
     python tests/benchmarks/probe_conditioning.py --checkpoint runs/shapes/last.pt [--images 8]
-        [--pair "PROMPT A" "PROMPT B" ... --data-dir FOLDER]
+        [--pair "PROMPT A" "PROMPT B" ... --data-dir FOLDER] [--shape-pairs]
 
 For pairs of prompts that differ in one way (the colour word, the shape word, one character),
 prints two measurements as a table and JSON lines:
@@ -19,6 +19,11 @@ prints two measurements as a table and JSON lines:
   the eps, v and x0 outputs are affine in one another with one slope (v = eps / sqrt(abar) -
   c x_t), so the ratio is the same whichever the model predicts, and models of different
   prediction types compare.
+
+With `--shape-pairs` the pairs are every two shapes captions of one colour that differ in the
+shape word (6 colours x 6 shape pairs), summarised per shape pair ("circle / cross" shares a
+first letter), and each shape word's share of the attention pool (`pool_attention`: the
+softmax weight of the pool's query on each token, mean over heads and colours) is printed.
 """
 
 import argparse
@@ -32,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffusion.folder import ImageFolderDataset  # noqa: E402
-from diffusion.shapes import ShapesDataset  # noqa: E402
+from diffusion.shapes import SHAPE_COLOURS, SHAPES, ShapesDataset  # noqa: E402
 from sampling.pipeline import AdvancedDiffusionPipeline  # noqa: E402
 
 PAIRS = {
@@ -46,6 +51,32 @@ PAIRS = {
                       ("a photo of a 3", "a photo of a 8")],
 }
 TIMESTEPS = (900, 700, 500, 300, 100)
+
+
+def shape_pairs() -> dict:
+    """{"circle / cross": [("a red circle", "a red cross"), ...]} for every two shapes."""
+    return {f"{a} / {b}": [(f"a {colour} {a}", f"a {colour} {b}") for colour in SHAPE_COLOURS]
+            for i, a in enumerate(SHAPES) for b in SHAPES[i + 1:]}
+
+
+@torch.no_grad()
+def pool_attention(unet, text_encoder, prompt: str) -> list[tuple[str, float]]:
+    """(token, weight) of the attention pool's query over the prompt's tokens, mean over heads;
+    [] for a model without an AttentionPool."""
+    pool = unet.text_pool
+    if pool is None:
+        return []
+    ids, mask = text_encoder.tokenizer([prompt])
+    states, mask = text_encoder(ids, mask, trim=True)  # (1, L, D)
+    attn = pool.attn
+    q = attn.to_q(pool.query).view(1, attn.heads, attn.dim_head)  # (1, h, d)
+    k = attn.to_kv(states)[..., :attn.heads * attn.dim_head].view(
+        1, -1, attn.heads, attn.dim_head)  # (1, L, h, d)
+    logits = torch.einsum("bhd,blhd->bhl", q, k) * attn.dim_head ** -0.5
+    weights = logits.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1).mean(1)[0]
+    tokens = [text_encoder.tokenizer.decode([i]) or ("<bos>", "<eos>")[n > 0]
+              for n, i in enumerate(ids[0, :mask.shape[1]].tolist())]
+    return [(token, round(w, 3)) for token, w in zip(tokens, weights.tolist())]
 
 
 def shapes_images(caption: str, count: int, size: int) -> torch.Tensor | None:
@@ -113,8 +144,11 @@ def main(argv=None):
     parser.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
                         help="probe these prompts instead of the built-in pairs (repeatable)")
     parser.add_argument("--data-dir", help="image folder whose images of prompt A are noised")
+    parser.add_argument("--shape-pairs", action="store_true",
+                        help="every two shapes captions that differ in the shape word")
     args = parser.parse_args(argv)
-    pairs = {"given": [tuple(pair) for pair in args.pair]} if args.pair else PAIRS
+    pairs = {"given": [tuple(pair) for pair in args.pair]} if args.pair else \
+        shape_pairs() if args.shape_pairs else PAIRS
     torch.manual_seed(0)
     pipeline = AdvancedDiffusionPipeline.from_checkpoint(args.checkpoint,
                                                          use_ema=not args.no_ema, device="cpu")
@@ -124,6 +158,15 @@ def main(argv=None):
     for row in rows:
         cells = " ".join(f"{'-' if row[k] is None else row[k]:>13}" for k in keys)
         print(f"{row['kind']:14s} {row['a'] + ' / ' + row['b']:42s} {cells}")
+    if args.shape_pairs:
+        for shape in SHAPES:
+            weights = [pool_attention(pipeline.unet.unet, pipeline.text_encoder,
+                                      f"a {colour} {shape}") for colour in SHAPE_COLOURS]
+            if weights[0]:
+                mean = [round(statistics.mean(w[n][1] for w in weights), 3)
+                        for n in range(len(weights[0]))]
+                print(json.dumps({"pool_attention": f"a <colour> {shape}",
+                                  "tokens": [t for t, _ in weights[0]], "weights": mean}))
     for kind in pairs:
         group = [row for row in rows if row["kind"] == kind]
         summary = {"kind": kind, "checkpoint": args.checkpoint}
