@@ -104,10 +104,11 @@ def split_words(text: str) -> list[str]:
 class WordTokenizer(ByteTokenizer):
     """A word-level tokenizer whose vocabulary is learned from the training captions.
 
-    Ids: the byte tokenizer's 0..258, then NUM_SPECIAL + i for `words[i]`. A word in the
+    Ids: the byte tokenizer's 0..258, then VOCAB_SIZE + i for `words[i]`. A word in the
     vocabulary is one token; a word outside it is a space and its UTF-8 bytes (the byte
     tokenizer's ids; the space keeps two unseen words in a row apart), with one warning per
-    word, so a prompt with an unseen word still encodes. Spaces between words are not tokens. `max_length` counts BOS and EOS; longer prompts are truncated with a warning.
+    word, so a prompt with an unseen word still encodes. Spaces between words are not tokens.
+    `max_length` counts BOS and EOS; longer prompts are truncated with a warning.
 
     WordTokenizer.from_captions(captions, max_length, max_words) keeps the `max_words` most
     frequent words (ties in sorted order); `words` is that list, saved in the checkpoint.

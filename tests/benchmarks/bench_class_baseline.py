@@ -13,8 +13,8 @@ Each seed trains in this process (the loop of train.py, without files) and is sc
 `python -m sampling.evaluate --checkpoint C --data-dir TEST --num-images N` (FD, KID and caption
 adherence in a feature net trained on TEST), or, for the shapes (no --eval-dir), like
 `python -m sampling.evaluate --checkpoint C` (the shapes checker's colour and shape adherence of
-10 seeds per caption) with the config's sampler and again with DDIM-20. Prints one JSON line per seed and a summary line
-with min / median / max, in the format of bench_recipe.py.
+10 seeds per caption) with the config's sampler and again with DDIM-20. Prints one JSON line
+per seed and a summary line with min / median / max, in the format of bench_recipe.py.
 """
 
 import argparse
