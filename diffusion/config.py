@@ -32,7 +32,7 @@ from .yaml_io import YamlDumper, load_yaml, yaml_problem
 
 BETA_SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TEXT_POOLINGS = ("mean", "attention")  # nets.unet.TEXT_POOLINGS (tests/test_config.py checks)
+TEXT_POOLINGS = ("mean", "attention", "bag")  # nets.unet.TEXT_POOLINGS (tests/test_config.py checks)
 TOKENIZERS = ("byte", "word")  # nets.text_encoder.TOKENIZERS (tests/test_config.py checks)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "euler_ancestral")
@@ -149,8 +149,10 @@ class DiffusionConfig:
         "so every ResBlock sees the prompt (Imagen's pooled embedding).")
     text_pooling: str = _field(
         "mean", "How pooled_text_conditioning pools the prompt's text states: their masked mean, "
-        "or attention from a learned query (AttentionPool), which can weight the words that "
-        "tell prompts apart.", choices=TEXT_POOLINGS)
+        "attention from a learned query (AttentionPool), or 'bag': the first state, to which "
+        "the text encoder adds one learned vector per token of the prompt (a lookup per "
+        "token, so one differing character or word moves it by a whole vector).",
+        choices=TEXT_POOLINGS)
     norm_groups: int = _field(
         32, "Most GroupNorm groups in the UNet (gcd with each width; 32 is guided-diffusion's). "
             "Below 32 x 2 channels, 32 means one or two channels per group, which normalises "

@@ -263,7 +263,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, context_dim: int = 768, width: int = 256, num_layers: int = 2,
                  max_length: int = 77, dropout: float = 0.0,
-                 tokenizer: ByteTokenizer | None = None):
+                 tokenizer: ByteTokenizer | None = None, summary: bool = False):
         super().__init__()
         if tokenizer is None:
             tokenizer = ByteTokenizer(max_length)
@@ -278,6 +278,11 @@ class TextEncoder(nn.Module):
                                     for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, context_dim)
+        # The caption summary: one learned context_dim vector per token id, summed over the
+        # prompt's real tokens and added to the first output state (BOS), which the UNet's
+        # text_pooling="bag" reads as the pooled vector. A token that tells two prompts apart
+        # moves the sum by its whole vector, however long the prompt, as a lookup table would.
+        self.summary = nn.Embedding(tokenizer.vocab_size, context_dim) if summary else None
         self._init_weights()
 
     @classmethod
@@ -285,7 +290,7 @@ class TextEncoder(nn.Module):
         """The encoder of config's sizes around `tokenizer` (a ByteTokenizer when None)."""
         return cls(context_dim=config.context_dim, width=config.text_encoder_width,
                    num_layers=config.text_encoder_layers, max_length=config.max_text_length,
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, summary=config.text_pooling == "bag")
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict) -> "TextEncoder":
@@ -306,6 +311,11 @@ class TextEncoder(nn.Module):
                 "text_encoder_layers": len(self.blocks), "max_text_length": self.max_length,
                 "tokenizer": self.tokenizer.state_dict()["kind"]}
 
+    @property
+    def has_summary(self) -> bool:
+        """Whether the first output state holds the bag-of-tokens summary (text_pooling="bag")."""
+        return self.summary is not None
+
     def get_extra_state(self) -> dict:
         return {"tokenizer": self.tokenizer.state_dict()}
 
@@ -324,7 +334,8 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def _init_weights(self) -> None:
         """Embeddings N(0, 0.02); Linear Xavier-uniform, biases 0; LayerNorm 1/0; the last
-        layer of each residual branch zero so every block starts as the identity."""
+        layer of each residual branch zero so every block starts as the identity; the summary
+        table zero, so the untrained encoder's states are those of one without it."""
         nn.init.normal_(self.token_embedding.weight, std=EMBED_INIT_STD)
         nn.init.normal_(self.position_embedding, std=EMBED_INIT_STD)
         for module in self.modules():
@@ -339,6 +350,8 @@ class TextEncoder(nn.Module):
             # residual branches start at zero: the encoder starts as embed -> LN -> proj
             nn.init.zeros_(block.attn.to_out[0].weight)
             nn.init.zeros_(block.mlp.net[-1].weight)
+        if self.summary is not None:
+            nn.init.zeros_(self.summary.weight)
 
     def forward(self, input_ids, attention_mask=None, trim: bool = False):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -370,7 +383,12 @@ class TextEncoder(nn.Module):
         x = x + self.position_embedding[:length]
         for block in self.blocks:
             x = block(x, key_padding_mask=attention_mask)
-        return self.proj(self.norm(x)), attention_mask  # (B, L, context_dim), (B, L)
+        states = self.proj(self.norm(x))  # (B, L, context_dim)
+        if self.summary is not None:
+            bag = (self.summary(input_ids.long()) * attention_mask[..., None]).sum(1)
+            states = torch.cat([states[:, :1] + bag[:, None].to(states.dtype), states[:, 1:]],
+                               dim=1)
+        return states, attention_mask  # (B, L, context_dim), (B, L)
 
     def encode(self, prompts, trim: bool = False):
         """prompts: str or list of str -> (hidden_states (B, L, context_dim), mask (B, L));

@@ -37,7 +37,7 @@ from .cpu import cpu_has_fast_low_precision
 from .embeddings import TimestepEmbedding, timesteps_as_batch
 from .levels import DownBlock, MidBlock, UpBlock
 
-TEXT_POOLINGS = ("mean", "attention")  # how pooled_text_conditioning pools the prompt
+TEXT_POOLINGS = ("mean", "attention", "bag")  # how pooled_text_conditioning pools the prompt
 TIME_EMBED_MULT = 4  # timestep-embedding width / model_channels (guided-diffusion)
 # input dtypes autocast converts to its compute dtype (float64 it leaves alone)
 AUTOCAST_INPUT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
@@ -123,6 +123,7 @@ class UNet(nn.Module):
         # is conditioned on the prompt, not only the attention levels. Pooled by the masked
         # mean or by attention from a learned query (AttentionPool, num_heads heads).
         self.text_pool_proj = nn.Linear(context_dim, emb_dim) if pooled_text else None
+        self.text_pooling = text_pooling
         self.text_pool = AttentionPool(context_dim, num_heads) if (
             pooled_text and text_pooling == "attention") else None
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
@@ -190,9 +191,12 @@ class UNet(nn.Module):
 
     def pooled_text(self, context, key_padding_mask=None):
         """The prompt's pooled text state (B, context_dim) that text_pool_proj reads: the
-        masked mean of context (B, M, context_dim), or AttentionPool's output."""
+        masked mean of context (B, M, context_dim), AttentionPool's output, or ("bag") the
+        first state, where TextEncoder(summary=True) puts its bag-of-tokens summary."""
         if self.text_pool is not None:
             return self.text_pool(context, key_padding_mask)
+        if self.text_pooling == "bag":
+            return context[:, 0]
         return masked_mean(context, key_padding_mask)
 
     # ---- toggles ----

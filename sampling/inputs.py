@@ -79,17 +79,23 @@ SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
 def config_differences(config: DiffusionConfig, unet, text_encoder, scheduler) -> list[str]:
     """The fields on which the modules were built differently from `config`: the UNet's
     MODEL_FIELDS and the scheduler's SCHEDULE_FIELDS (AdvancedUNet and AdvancedScheduler keep
-    their configs), and the text encoder's sizes and tokenizer (TextEncoder.sizes)."""
+    their configs), the text encoder's sizes and tokenizer (TextEncoder.sizes), and whether
+    it writes the summary that text_pooling="bag" reads."""
     built = {}
     for module, part, names in (("unet", unet, MODEL_FIELDS),
                                 ("scheduler", scheduler, SCHEDULE_FIELDS)):
         if isinstance(getattr(part, "config", None), DiffusionConfig):
             built[module] = {name: getattr(part.config, name) for name in names}
+    differences = []
     if isinstance(text_encoder, TextEncoder):
         built["text_encoder"] = text_encoder.sizes()
+        if text_encoder.has_summary != (config.text_pooling == "bag"):
+            differences.append(f"text_pooling: text_encoder has_summary="
+                               f"{text_encoder.has_summary} vs config {config.text_pooling!r} "
+                               "(only 'bag' reads the summary)")
     return [f"{name}: {module} {value!r} vs config {getattr(config, name)!r}"
             for module, fields in built.items() for name, value in fields.items()
-            if value != getattr(config, name)]
+            if value != getattr(config, name)] + differences
 
 
 @contextmanager

@@ -614,7 +614,7 @@ def test_xformers_toggle_selects_the_efficient_kernel_and_says_so_once():
 
 
 @pytest.mark.parametrize("pooled, pooling", [(False, "mean"), (True, "mean"),
-                                             (True, "attention")])
+                                             (True, "attention"), (True, "bag")])
 def test_padding_tokens_have_no_effect(pooled, pooling):
     config = tiny_config(attention_resolutions=(16, 8), context_dim=32,
                          text_encoder_width=32, text_encoder_layers=1, max_text_length=12,
@@ -678,6 +678,16 @@ def test_attention_pooling_builds_its_pool_only_when_asked():
     with pytest.raises(ValueError, match="text_pooling='max' must be one of"):
         UNet(context_dim=32, model_channels=32, channel_mult=(1,), num_heads=4,
              pooled_text=True, text_pooling="max")
+
+
+def test_bag_pooling_reads_the_first_state():
+    """text_pooling="bag": the pooled vector is context[:, 0] (where the text encoder puts its
+    summary), whatever the other states and the mask hold."""
+    model = build(pooled_text_conditioning=True, text_pooling="bag")
+    context = torch.randn(2, 5, model.config.context_dim)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    assert torch.equal(model.unet.pooled_text(context, mask), context[:, 0])
+    assert model.unet.text_pool is None
 
 
 def test_pooled_text_conditioning_reaches_a_level_without_attention():

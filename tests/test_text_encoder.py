@@ -194,3 +194,73 @@ def test_pipeline_refuses_an_encoder_of_another_tokenizer():
     encoder = build_text_encoder(tiny_config(), None)  # byte
     with pytest.raises(ValueError, match=r"tokenizer: text_encoder 'byte' vs config 'word'"):
         AdvancedDiffusionPipeline(config, text_encoder=encoder)
+
+
+# ---- the caption summary (text_pooling="bag") ----
+
+def summary_pair(num_layers=1):
+    """An encoder without a summary and one with it, sharing every other weight."""
+    torch.manual_seed(0)
+    plain = TextEncoder(context_dim=16, width=32, num_layers=num_layers, max_length=40)
+    randomize(plain)
+    bagged = TextEncoder(context_dim=16, width=32, num_layers=num_layers, max_length=40,
+                         summary=True)
+    missing = bagged.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["summary.weight"]
+    return plain, bagged
+
+
+def test_untrained_summary_changes_nothing():
+    """The summary table starts at zero: the encoder's states are those of one without it."""
+    plain, bagged = summary_pair()
+    assert not bagged.summary.weight.any()
+    with torch.no_grad():
+        torch.testing.assert_close(bagged.encode(["a red circle", "ok"])[0],
+                                   plain.encode(["a red circle", "ok"])[0])
+
+
+@given(st.lists(st.text(max_size=30), min_size=1, max_size=3))
+def test_summary_is_the_sum_of_the_prompts_token_rows(prompts):
+    """Oracle: state 0 gains the sum of the summary rows of the prompt's real tokens (BOS and
+    EOS included, padding not); every other state is unchanged."""
+    plain, bagged = summary_pair()
+    with torch.no_grad():
+        bagged.summary.weight.normal_(generator=torch.Generator().manual_seed(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # long prompts are truncated
+            ids, mask = bagged.tokenizer(prompts)
+        ref, _ = plain(ids, mask)
+        out, _ = bagged(ids, mask)
+        rows = bagged.summary.weight
+        expected = torch.stack([rows[row[keep]].sum(0) for row, keep in zip(ids, mask)])
+        torch.testing.assert_close(out[:, 0] - ref[:, 0], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, 1:], ref[:, 1:])
+
+
+def test_summary_moves_by_a_whole_row_for_one_character():
+    """Prompts that differ in one byte ("digit 3" / "digit 4") get summaries that differ by
+    exactly the difference of those bytes' rows, however long the prompt: nothing averages
+    it away (a mean over ~20 bytes would move by a twentieth)."""
+    _, bagged = summary_pair(num_layers=0)  # no transformer: only the summary sees both
+    with torch.no_grad():
+        bagged.summary.weight.normal_(generator=torch.Generator().manual_seed(4))
+        states, _ = bagged.encode([DIGITS[3], DIGITS[4]])
+        rows = bagged.summary.weight
+        torch.testing.assert_close(states[0, 0] - states[1, 0], rows[ord("3")] - rows[ord("4")],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_summary_is_built_from_the_config_and_saved():
+    """config.text_pooling="bag" builds the summary; its table is in the state_dict, and a
+    checkpoint of one kind does not load into the other."""
+    config = tiny_config(pooled_text_conditioning=True, text_pooling="bag")
+    encoder = build_text_encoder(config)
+    assert encoder.has_summary and not build_text_encoder(tiny_config()).has_summary
+    assert encoder.summary.weight.shape == (VOCAB_SIZE, config.context_dim)
+    loaded = TextEncoder.from_state_dict(config, encoder.state_dict())
+    assert torch.equal(loaded.summary.weight, encoder.summary.weight)
+    with pytest.raises(RuntimeError, match="summary.weight"):
+        TextEncoder.from_config(tiny_config()).load_state_dict(encoder.state_dict())
+    with pytest.raises(ValueError, match=r"text_pooling: text_encoder has_summary=False vs "
+                                         r"config 'bag'"):
+        AdvancedDiffusionPipeline(config, text_encoder=build_text_encoder(tiny_config()))
