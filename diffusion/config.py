@@ -32,7 +32,7 @@ from .yaml_io import YamlDumper, load_yaml, yaml_problem
 
 BETA_SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TEXT_POOLINGS = ("mean", "attention", "bag")  # nets.unet.TEXT_POOLINGS (tests/test_config.py checks)
+TEXT_POOLINGS = ("mean", "attention", "bag")  # nets.unet.TEXT_POOLINGS (test_config.py checks)
 TOKENIZERS = ("byte", "word")  # nets.text_encoder.TOKENIZERS (tests/test_config.py checks)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "euler_ancestral")

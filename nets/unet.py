@@ -121,7 +121,8 @@ class UNet(nn.Module):
         # Optional: the prompt's pooled text state, projected, is added to the timestep
         # embedding (Imagen's pooled text embedding, Saharia et al. 2022), so every ResBlock
         # is conditioned on the prompt, not only the attention levels. Pooled by the masked
-        # mean or by attention from a learned query (AttentionPool, num_heads heads).
+        # mean, by attention from a learned query (AttentionPool, num_heads heads), or ("bag")
+        # read off the first state, where the text encoder puts its caption summary.
         self.text_pool_proj = nn.Linear(context_dim, emb_dim) if pooled_text else None
         self.text_pooling = text_pooling
         self.text_pool = AttentionPool(context_dim, num_heads) if (

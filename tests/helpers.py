@@ -1,5 +1,6 @@
-"""Small shared pieces of the tests: a tiny configuration that trains in milliseconds, and a
-way to give a model non-zero weights."""
+"""Small shared pieces of the tests: a tiny configuration that trains in milliseconds, the
+micro model that the trained-model tests train for minutes, and a way to give a model
+non-zero weights."""
 
 import torch
 
@@ -28,6 +29,36 @@ GUIDE_DEFAULTS = dict(
 
 def tiny_config(**overrides) -> DiffusionConfig:
     return DiffusionConfig(**{**TINY, **overrides})
+
+
+# The micro text-conditioned model of tests/test_end_to_end.py and test_prompt_separation.py.
+MICRO = dict(
+    sample_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+    attention_resolutions=(8,), num_heads=4, context_dim=64, text_encoder_width=64,
+    text_encoder_layers=1, dropout=0.0, prediction_type="v_prediction",
+    beta_schedule="cosine", learning_rate=2e-3, lr_warmup_steps=50, batch_size=32,
+    mixed_precision="no", gradient_checkpointing=False, cfg_dropout=0.1,
+)
+
+
+def micro_config(**overrides) -> DiffusionConfig:
+    return DiffusionConfig(**{**MICRO, **overrides})
+
+
+def train_micro(config: DiffusionConfig, dataset, seed: int = 0):
+    """Train a fresh AdvancedUNet on `dataset` (config.max_steps batches, one pass, data order
+    `seed`) after torch.manual_seed(seed); returns the AdvancedDiffusionTrainer."""
+    from diffusion import AdvancedDiffusionTrainer, GlobalBatchSampler, collate
+    from nets import AdvancedUNet
+
+    torch.manual_seed(seed)
+    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=GlobalBatchSampler(len(dataset), config.batch_size, seed=seed),
+        collate_fn=collate)
+    for batch in loader:
+        trainer.train_step(batch)
+    return trainer
 
 
 def randomize(model: torch.nn.Module, seed=1) -> None:

@@ -3,17 +3,9 @@ scratch, sample every caption, and check with the shapes checker that the images
 prompts' colours far above chance (the text encoder, cross-attention, CFG training and the
 sampler all have to work for that)."""
 
-import torch
+from helpers import micro_config, train_micro
 
-from diffusion import (
-    AdvancedDiffusionTrainer,
-    DiffusionConfig,
-    GlobalBatchSampler,
-    ShapesDataset,
-    all_captions,
-    collate,
-)
-from nets import AdvancedUNet
+from diffusion import ShapesDataset, all_captions
 from sampling import AdvancedDiffusionPipeline, shapes_adherence
 from sampling.evaluate import shuffled
 
@@ -30,20 +22,9 @@ SEEDS = (0, 1)
 
 
 def test_micro_model_follows_prompt_colours():
-    config = DiffusionConfig(
-        sample_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(8,), num_heads=4, context_dim=64, text_encoder_width=64,
-        text_encoder_layers=1, dropout=0.0, prediction_type="v_prediction",
-        beta_schedule="cosine", learning_rate=2e-3, lr_warmup_steps=50, max_steps=STEPS,
-        batch_size=32, mixed_precision="no", gradient_checkpointing=False, use_ema=True,
-        ema_decay=0.99, cfg_dropout=0.1, sampler=SAMPLER)
-    torch.manual_seed(0)
-    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config)
+    config = micro_config(max_steps=STEPS, use_ema=True, ema_decay=0.99, sampler=SAMPLER)
     data = ShapesDataset(size=STEPS * config.batch_size, sample_size=16, seed=0)
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=GlobalBatchSampler(len(data), config.batch_size), collate_fn=collate)
-    for batch in loader:
-        trainer.train_step(batch)
+    trainer = train_micro(config, data)
     assert trainer.global_step == STEPS
     prompts = [c for c in all_captions() for _ in SEEDS]
     with trainer.ema_weights():

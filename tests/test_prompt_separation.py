@@ -12,10 +12,10 @@ docs/shapes-results.md ("A caption summary...") has the measurements behind the 
 import itertools
 
 import torch
+from helpers import micro_config, train_micro
 
-from diffusion import AdvancedDiffusionTrainer, DiffusionConfig, GlobalBatchSampler, collate
+from diffusion import DiffusionConfig
 from diffusion.shapes import SHAPE_COLOURS, SHAPES, ShapesDataset, parse_caption
-from nets import AdvancedUNet
 
 STEPS = 300
 # Measured with `pooled_vectors` and `separations` (1 thread, a 2-core CPU), smallest
@@ -42,28 +42,17 @@ class NumberedShapes(ShapesDataset):
         return {**item, "text": numbered(item["text"])}
 
 
-def micro_config(**overrides) -> DiffusionConfig:
-    """tests/test_end_to_end.py's micro model with the pooled text vector."""
-    fields = dict(
-        sample_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(8,), num_heads=4, context_dim=64, text_encoder_width=64,
-        text_encoder_layers=1, dropout=0.0, prediction_type="v_prediction",
-        beta_schedule="cosine", learning_rate=2e-3, lr_warmup_steps=50, max_steps=STEPS,
-        batch_size=32, mixed_precision="no", gradient_checkpointing=False, use_ema=False,
-        cfg_dropout=0.1, pooled_text_conditioning=True, text_pooling="bag")
-    return DiffusionConfig(**{**fields, **overrides})
+def separation_config(**overrides) -> DiffusionConfig:
+    """The micro model with the pooled text vector, bag-pooled, STEPS steps, no EMA."""
+    return micro_config(**{**dict(max_steps=STEPS, use_ema=False,
+                                  pooled_text_conditioning=True, text_pooling="bag"),
+                           **overrides})
 
 
 def pooled_vectors(config: DiffusionConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Train the micro model for config.max_steps on NumberedShapes; {caption: pooled vector}."""
-    torch.manual_seed(seed)
-    trainer = AdvancedDiffusionTrainer(AdvancedUNet(config), config)
     data = NumberedShapes(size=config.max_steps * config.batch_size, sample_size=16, seed=seed)
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=GlobalBatchSampler(len(data), config.batch_size, seed=seed),
-        collate_fn=collate)
-    for batch in loader:
-        trainer.train_step(batch)
+    trainer = train_micro(config, data, seed)
     captions = [f"a {colour} shape {k}" for colour in SHAPE_COLOURS for k in range(len(SHAPES))]
     unet = trainer.model.unet
     with torch.no_grad():
@@ -110,7 +99,7 @@ def largest_cosines(vectors: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def test_pooled_vectors_separate_one_character_and_one_word():
-    smallest = separations(pooled_vectors(micro_config()))
+    smallest = separations(pooled_vectors(separation_config()))
     assert smallest["one character"] > ONE_CHARACTER_BAR, smallest
     assert smallest["one word"] > ONE_WORD_BAR, smallest
 
